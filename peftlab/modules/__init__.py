@@ -1,0 +1,1 @@
+"""Layer types that strategies inject into a backbone."""

@@ -1,0 +1,77 @@
+"""Count parameters the way papers report them: trainable, total, and trainable without the task head."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from torch import nn
+
+from peftlab.heads import find_head, is_in_modules
+
+# peft wraps a saved head as `<head>.modules_to_save.default` beside a frozen `<head>.original_module`.
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    trainable: int
+    total: int
+    head: int
+    """Parameters of the task head (all trainable except under a frozen-head setup)."""
+    trainable_without_head: int
+    """The LoRA paper's rule (Hu et al. 2021, Table 2): the task classifier is not counted."""
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.total
+
+    def __str__(self) -> str:
+        return (
+            f"trainable {self.trainable:,} of {self.total:,} ({self.trainable_percent:.3f}%, head included); "
+            f"{self.trainable_without_head:,} without the {self.head:,}-parameter head"
+        )
+
+
+def parameter_numel(param: nn.Parameter) -> int:
+    """Logical number of values in a parameter, also for bitsandbytes 4-bit weights (two values per byte)."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return math.prod(quant_state.shape)
+    return param.numel()
+
+
+def _canonical_name(name: str) -> str:
+    """Strip peft's wrapping so names match the base model's."""
+    if name.startswith(_PEFT_PREFIX):
+        name = name[len(_PEFT_PREFIX):]
+    return name.replace(".modules_to_save.default.", ".")
+
+
+def count_parameters(model: nn.Module, head_modules: Optional[Sequence[str]] = None) -> ParameterCount:
+    """Trainable and total parameters, and the trainable count without the task head.
+
+    The total is the base model's size: peft's frozen copy of a saved head (`original_module`) is not counted twice.
+    """
+    if head_modules is None:
+        strategy = getattr(model, "peftlab_strategy", None)
+        head_modules = strategy["head_modules"] if strategy else find_head(_unwrap(model))
+    trainable = total = head = trainable_head = 0
+    for name, param in model.named_parameters():
+        if ".original_module." in name:
+            continue
+        n = parameter_numel(param)
+        total += n
+        in_head = is_in_modules(_canonical_name(name), head_modules)
+        head += n if in_head else 0
+        if param.requires_grad:
+            trainable += n
+            trainable_head += n if in_head else 0
+    return ParameterCount(trainable, total, head, trainable - trainable_head)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers/torch model under a peft wrapper."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
