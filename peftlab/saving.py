@@ -21,7 +21,6 @@ from peftlab.strategies import apply_strategy
 
 STRATEGY_FILE = "peftlab_strategy.json"
 TRAINABLE_FILE = "peftlab_trainable.safetensors"
-FULL_MODEL_FILE = "model.safetensors"
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -31,8 +30,13 @@ def _is_peft(model: nn.Module) -> bool:
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors only, contiguous and on CPU (what safetensors stores)."""
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The trained tensors, plus the buffers (batch-norm statistics) of modules that train; contiguous, on CPU."""
+    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for module_name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            prefix = f"{module_name}." if module_name else ""
+            state.update({prefix + n: b.detach() for n, b in module.named_buffers(recurse=False)})
+    return {n: t.to("cpu").contiguous() for n, t in state.items()}
 
 
 def save_trained(model: nn.Module, output_dir: str | Path) -> Path:
@@ -70,14 +74,15 @@ def load_trained(base_model: nn.Module, saved_dir: str | Path) -> nn.Module:
         model = PeftModel.from_pretrained(base_model, saved_dir)
         model.peftlab_strategy = spec
         return model
+    if spec["name"] == "full" and not (saved_dir / TRAINABLE_FILE).is_file():
+        # A whole model written by save_pretrained: its own loader knows its on-disk names (transformers 5
+        # may rename weights on save), so reload through it rather than through load_state_dict.
+        model = type(base_model).from_pretrained(saved_dir)
+        return apply_strategy(model, "full", head_modules=spec["head_modules"])
     model = apply_strategy(base_model, spec["name"], head_modules=spec["head_modules"], **spec["options"])
-    weights = saved_dir / (TRAINABLE_FILE if (saved_dir / TRAINABLE_FILE).is_file() else FULL_MODEL_FILE)
+    weights = saved_dir / TRAINABLE_FILE
     state = load_file(weights)
-    if spec["name"] == "full":
-        # save_pretrained drops tied copies (e.g. decoder weights tied to embeddings): restore by name only.
-        model.load_state_dict(state, strict=False)
-        return model
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = set(trainable_state_dict(model))
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
         raise PeftlabError(f"{weights} does not fit this base model (missing {missing}, unexpected {unexpected}); "

@@ -82,6 +82,7 @@ def apply_strategy(model: nn.Module, name: str, head_modules: Optional[Sequence[
     built = validate_strategy_options(name, options)
     heads = find_head(model, head_modules)
     adapted = get_strategy(name).fn(model, built, heads)
+    freeze_norm_statistics(adapted)
     # What save/load need to rebuild the same model on a fresh base.
     adapted.peftlab_strategy = {"name": name, "options": dataclasses.asdict(built), "head_modules": heads}
     return adapted
@@ -91,6 +92,19 @@ def set_trainable(model: nn.Module, predicate: Callable[[str, nn.Parameter], boo
     """Freeze every parameter, then unfreeze those for which `predicate(name, param)` holds."""
     for param_name, param in model.named_parameters():
         param.requires_grad_(bool(predicate(param_name, param)))
+
+
+def freeze_norm_statistics(model: nn.Module) -> None:
+    """Keep frozen batch norms in eval mode, so training a frozen backbone never moves its running statistics."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.register_forward_pre_hook(_use_running_statistics)
+
+
+def _use_running_statistics(module: nn.Module, args) -> None:
+    module.training = False
 
 
 def is_quantized(model: nn.Module) -> bool:

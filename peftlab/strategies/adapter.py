@@ -54,10 +54,10 @@ def find_adapter_locations(block: nn.Module, options: AdapterOptions) -> list[st
     ffn = _matching(block, FFN_OUTPUTS, exclude=set(attention))
     if options.kind == "pfeiffer":
         return ffn
-    if not attention and ffn:
+    if not attention:
         raise PeftlabError(
             "houlsby adapters go after attention and after the FFN, and this backbone's blocks have no attention "
-            "(a CNN?); use strategy_options.adapter.kind=pfeiffer"
+            "(a CNN?); use strategy_options.adapter.kind=pfeiffer (and .locations if needed)"
         )
     return attention + ffn
 
