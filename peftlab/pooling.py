@@ -8,6 +8,9 @@ from torch import nn
 from peftlab.errors import PeftlabError
 
 
+POOLINGS = ("cls", "mean")
+
+
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of `hidden` (B, T, H) over the positions where `attention_mask` (B, T) is 1."""
     if attention_mask is None:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftlab.errors import PeftlabError
+from peftlab.pooling import apply_mean_pooling
 from peftlab.strategies import apply_strategy
 
 STRATEGY_FILE = "peftlab_strategy.json"
@@ -71,6 +72,8 @@ def load_trained(base_model: nn.Module, saved_dir: str | Path) -> nn.Module:
     if spec["name"] == "lora":
         from peft import PeftModel
 
+        if spec.get("pooling") == "mean":
+            apply_mean_pooling(base_model)
         model = PeftModel.from_pretrained(base_model, saved_dir)
         model.peftlab_strategy = spec
         return model
@@ -78,8 +81,9 @@ def load_trained(base_model: nn.Module, saved_dir: str | Path) -> nn.Module:
         # A whole model written by save_pretrained: its own loader knows its on-disk names (transformers 5
         # may rename weights on save), so reload through it rather than through load_state_dict.
         model = type(base_model).from_pretrained(saved_dir)
-        return apply_strategy(model, "full", head_modules=spec["head_modules"])
-    model = apply_strategy(base_model, spec["name"], head_modules=spec["head_modules"], **spec["options"])
+        return apply_strategy(model, "full", head_modules=spec["head_modules"], pooling=spec.get("pooling", "cls"))
+    model = apply_strategy(base_model, spec["name"], head_modules=spec["head_modules"],
+                           pooling=spec.get("pooling", "cls"), **spec["options"])
     weights = saved_dir / TRAINABLE_FILE
     state = load_file(weights)
     expected = set(trainable_state_dict(model))
@@ -97,6 +101,9 @@ def merge(model: nn.Module) -> nn.Module:
     Freezing strategies (full, head with CLS pooling, partial, bitfit) already are plain models and come back as they are.
     """
     spec = getattr(model, "peftlab_strategy", None) or {}
+    if spec.get("pooling") == "mean":
+        raise PeftlabError("pooling=mean is a peftlab hook, not part of the transformers architecture, so a merged "
+                           "model would pool differently; load it with load_trained instead")
     if _is_peft(model):
         merged = model.merge_and_unload()
         merged.__dict__.pop("peftlab_strategy", None)
@@ -104,7 +111,4 @@ def merge(model: nn.Module) -> nn.Module:
     if spec.get("name") == "adapter":
         raise PeftlabError("bottleneck adapters have a non-linearity and cannot be folded into the base weights; "
                            "save them with save_trained and load them with load_trained")
-    if spec.get("name") == "head" and spec["options"].get("pooling") == "mean":
-        raise PeftlabError("pooling=mean is a peftlab hook, not part of the transformers architecture, so a merged "
-                           "model would pool differently; load it with load_trained instead")
     return model

@@ -172,6 +172,17 @@ def test_mean_pooling_uses_the_mask():
     assert not torch.allclose(logits(model, padded_row), logits(build("bert"), padded_row))
 
 
+def test_mean_pooling_survives_save_and_load(tmp_path):
+    model = apply_strategy(build("bert"), "lora", pooling="mean", r=4)
+    batch = example_batch("bert")
+    train_steps(model, batch)
+    save_trained(model, tmp_path)
+    torch.testing.assert_close(logits(load_trained(build("bert"), tmp_path), batch), logits(model, batch), atol=1e-6,
+                               rtol=0)
+    with pytest.raises(PeftlabError, match="pooling=mean is a peftlab hook"):
+        merge(model)
+
+
 def test_adapter_layer_norms_follow_the_kind():
     def norms(model):
         return {n for n, p in model.named_parameters() if p.requires_grad and "LayerNorm" in n}
@@ -225,6 +236,7 @@ def test_registry_accepts_a_new_strategy():
     (lambda: apply_strategy(build("cnn"), "adapter", kind="houlsby"), "use strategy_options.adapter.kind=pfeiffer"),
     (lambda: apply_strategy(build("bert"), "head", head_modules=["cls_head"]), "not found"),
     (lambda: merge(adapt("bert", "adapter", {})), "cannot be folded"),
+    (lambda: apply_strategy(build("bert"), "head", pooling="max"), "pooling='max' is not supported"),
 ])
 def test_clear_errors(call, message):
     with pytest.raises(PeftlabError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

@@ -15,6 +15,7 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.heads import find_head
+from peftlab.pooling import POOLINGS, apply_mean_pooling
 
 
 @dataclass(frozen=True)
@@ -69,22 +70,30 @@ def validate_strategy_options(name: str, options: Optional[dict] = None) -> Any:
     return built
 
 
-def apply_strategy(model: nn.Module, name: str, head_modules: Optional[Sequence[str]] = None, **options) -> nn.Module:
+def apply_strategy(model: nn.Module, name: str, head_modules: Optional[Sequence[str]] = None, pooling: str = "cls",
+                   **options) -> nn.Module:
     """Adapt `model` with strategy `name` so that exactly the right parameters train.
 
     Args:
         model: a transformers task model or a plain torch classifier (with `peftlab_head_modules`).
         name: one of `list_strategies()`.
         head_modules: the task head's module names, when they cannot be found automatically.
+        pooling: what the head of a transformers encoder sees: `cls` (the model's own first-token/pooler
+            features) or `mean` (masked mean of the last hidden states; see `peftlab.pooling`).
         **options: the strategy's options (e.g. `r=8` for `lora`).
     Returns the adapted model (the same object, or a peft wrapper for `lora`), tagged with `peftlab_strategy`.
     """
     built = validate_strategy_options(name, options)
     heads = find_head(model, head_modules)
+    if pooling not in POOLINGS:
+        raise PeftlabError(f"pooling={pooling!r} is not supported; choose one of {list(POOLINGS)}")
+    if pooling == "mean":
+        apply_mean_pooling(model)
     adapted = get_strategy(name).fn(model, built, heads)
     freeze_norm_statistics(adapted)
     # What save/load need to rebuild the same model on a fresh base.
-    adapted.peftlab_strategy = {"name": name, "options": dataclasses.asdict(built), "head_modules": heads}
+    adapted.peftlab_strategy = {"name": name, "options": dataclasses.asdict(built), "head_modules": heads,
+                                "pooling": pooling}
     return adapted
 
 

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
 from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.heads import find_blocks, is_in_modules
-from peftlab.pooling import apply_mean_pooling
 from peftlab.strategies import is_quantized, register_strategy, set_trainable
 
 
 @dataclass
 class NoOptions:
     pass
-
-
-@dataclass
-class HeadOptions:
-    pooling: Literal["cls", "mean"] = "cls"
-    """Features the head sees: the model's own (`cls`: first token / pooler) or the masked mean of the last hidden states."""
 
 
 @dataclass
@@ -43,11 +34,9 @@ def full(model: nn.Module, options: NoOptions, head_modules: list[str]) -> nn.Mo
     return model
 
 
-@register_strategy("head", HeadOptions)
-def head(model: nn.Module, options: HeadOptions, head_modules: list[str]) -> nn.Module:
-    """Linear probe: the backbone is frozen, the task head trains."""
-    if options.pooling == "mean":
-        apply_mean_pooling(model)
+@register_strategy("head", NoOptions)
+def head(model: nn.Module, options: NoOptions, head_modules: list[str]) -> nn.Module:
+    """Linear probe: the backbone is frozen, the task head trains (pick its features with apply_strategy's `pooling`)."""
     set_trainable(model, lambda name, p: is_in_modules(name, head_modules))
     return model
 
