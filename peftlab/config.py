@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import json
+import os
+import re
+import sys
+import textwrap
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import yaml
+
+from peftlab.errors import PeftlabError
 
 
 @dataclass
@@ -18,6 +35,9 @@ class ModelConfig:
     """Run model code from the Hub repository. Off unless you trust its author."""
     num_hidden_layers: Optional[int] = None
     """Keep only the first N layers of a text backbone (fast smoke runs)."""
+    pooling: Literal["cls", "mean"] = "cls"
+    """What the head of a text encoder sees: `cls` (the model's own first-token/pooler features) or `mean`
+    (masked mean of the last hidden states; what sentence encoders such as MiniLM were trained for)."""
 
 
 @dataclass
@@ -25,49 +45,69 @@ class DataConfig:
     name: str = "rotten_tomatoes"
     """A packaged dataset short name, a local CSV/JSONL/Parquet file or image folder, or a Hub dataset id."""
     text_column: str = "text"
+    """Column holding the input text."""
     label_column: str = "label"
+    """Column holding the class label."""
     max_length: int = 128
     """Longest tokenized sequence; batches are padded only to their own longest sequence."""
     image_size: int = 96
+    """Side in pixels of the square images fed to the model."""
     augment: bool = True
     """Random resized crop, flip and small rotation on training images (never at evaluation)."""
     validation_fraction: float = 0.1
+    """Share of the data held out for validation when the source ships no validation split."""
     test_fraction: float = 0.1
+    """Share of the data held out for testing when the source ships no test split."""
     split_seed: int = 0
     """Seed of the train/validation/test split for sources that ship no split."""
     max_train_samples: Optional[int] = None
+    """Cap on training examples (fast smoke runs)."""
     max_eval_samples: Optional[int] = None
+    """Cap on evaluation examples (fast smoke runs)."""
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 3
+    """Passes over the training set."""
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps (overrides epochs)."""
     batch_size: int = 32
     """Per-process batch size; the global batch is batch_size x processes x grad_accum_steps."""
     eval_batch_size: int = 64
+    """Per-process batch size at evaluation."""
     grad_accum_steps: int = 1
+    """Batches whose gradients are summed before each optimizer step."""
     lr: float = 5e-4
+    """Peak learning rate (after warmup)."""
     weight_decay: float = 0.01
+    """Decoupled weight decay (AdamW) or L2 penalty (SGD)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer over the trainable parameters."""
     momentum: float = 0.9
     """SGD momentum (ignored by AdamW)."""
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warmup."""
     warmup_ratio: float = 0.06
+    """Share of the optimizer steps spent warming the learning rate up from 0."""
     max_grad_norm: Optional[float] = 1.0
+    """Clip the gradient norm to this value; null disables clipping."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """`auto`: bf16 where the CPU or GPU supports it, else fp32."""
     seed: int = 42
+    """Random seed of the run (initialisation, shuffling, dropout)."""
     eval_every: int = 0
     """Evaluate every N optimizer steps; 0 evaluates at the end of each epoch."""
     metric_for_best: str = "accuracy"
+    """Validation metric that picks the best checkpoint, e.g. accuracy or macro_f1."""
     early_stopping_patience: Optional[int] = None
     """Stop after this many evaluations without improvement of metric_for_best."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N optimizer steps; 0 saves at each evaluation."""
     log_every: int = 10
+    """Log training metrics every N optimizer steps."""
     trackers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
+    """Where metrics are logged (tracker names)."""
     group_by_length: bool = True
     """Batch texts of similar length together so dynamic padding wastes little."""
 
@@ -82,7 +122,429 @@ class RecipeConfig:
     strategy_options: dict[str, dict] = field(default_factory=dict)
     """Options per strategy name, e.g. {lora: {r: 8}}; only the selected strategy's options are used."""
     output_dir: str = "outputs/run"
+    """Folder for the resolved config, logs, checkpoints and the final model."""
     overwrite: bool = False
     """Replace an existing output directory (otherwise a finished run there is refused)."""
     resume_from: Optional[str] = None
     """A checkpoint folder, or `latest` for the newest checkpoint in output_dir."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading: YAML file -> dotted overrides -> typed dataclasses, every value checked once, here.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """`yaml.safe_load` rules plus YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-3` as the *string* "1e-3"."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
+@dataclass(frozen=True)
+class _Override:
+    """The text of one `key=value` override, parsed once its field's type is known (see `_resolve`)."""
+
+    key: str
+    text: str
+
+    def parse(self) -> Any:
+        try:
+            return _parse_yaml(self.text)
+        except yaml.YAMLError as err:
+            problem = _yaml_problem(err)
+            raise PeftlabError(f"{self.key}: cannot parse {self.text!r} as a YAML value ({problem})") from err
+
+
+# Range rules checked after the types; an unset Optional (None) always passes.
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "positive": (lambda v: v > 0, "must be > 0"),
+    "non_negative": (lambda v: v >= 0, "must be >= 0"),
+    "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+}
+_RANGES: dict[type, dict[str, str]] = {
+    ModelConfig: {"num_hidden_layers": "positive"},
+    DataConfig: {
+        "max_length": "positive", "image_size": "positive", "validation_fraction": "fraction",
+        "test_fraction": "fraction", "max_train_samples": "positive", "max_eval_samples": "positive",
+    },
+    TrainConfig: {
+        "epochs": "positive", "max_steps": "positive", "batch_size": "positive", "eval_batch_size": "positive",
+        "grad_accum_steps": "positive", "lr": "positive", "weight_decay": "non_negative", "momentum": "fraction",
+        "warmup_ratio": "fraction", "max_grad_norm": "positive", "eval_every": "non_negative",
+        "early_stopping_patience": "positive", "checkpoint_every": "non_negative", "log_every": "positive",
+    },
+}
+
+
+def _check_split_fractions(data: DataConfig, prefix: str) -> None:
+    total = data.validation_fraction + data.test_fraction
+    if total >= 1:
+        raise PeftlabError(
+            f"{prefix}validation_fraction + {prefix}test_fraction must be < 1 so some data is left to train on, "
+            f"got {data.validation_fraction} + {data.test_fraction} = {total:g}"
+        )
+
+
+# Checks across fields of one section, run after its range rules.
+_SECTION_CHECKS: dict[type, Callable[[Any, str], None]] = {DataConfig: _check_split_fractions}
+
+
+def load_config(path: Optional[str], overrides: typing.Sequence[str] = (), cls: type = RecipeConfig) -> Any:
+    """Load a typed config: the YAML file at `path` (None: the defaults), then dotted `key=value` overrides.
+
+    Args:
+        path: a YAML file of nested keys, or None.
+        overrides: e.g. `["train.lr=1e-3", "strategy_options.lora.r=16", "train.max_steps=null"]`; values are YAML.
+        cls: the root config dataclass.
+    Raises PeftlabError (one line naming the key) for unknown keys, wrong types, values out of range, and, when the
+    strategy registry is importable, an unknown strategy or bad options of the selected strategy.
+    """
+    raw = _read_yaml(path) if path is not None else {}
+    for override in overrides:
+        _apply_override(raw, override)
+    cfg = _build(cls, raw, prefix="")
+    if hasattr(cfg, "strategy") and hasattr(cfg, "strategy_options"):
+        _check_strategy(cfg.strategy, cfg.strategy_options)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The config as nested plain dicts and lists (YAML- and JSON-ready)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (parent folders created), so `--config <path>` reruns exactly this run."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# Resolved peftlab config; rerun with: --config {path}\n"
+    path.write_text(header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise PeftlabError(f"cannot read config file {path}: {err.strerror or err}") from err
+    try:
+        data = _parse_yaml(text)
+    except yaml.YAMLError as err:
+        raise PeftlabError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from err
+    if data is None:  # an empty file means all defaults
+        return {}
+    if not isinstance(data, dict):
+        raise PeftlabError(f"config file {path} must hold a mapping of keys to values, got a {type(data).__name__}")
+    return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not all(parts) or not text.strip():
+        raise PeftlabError(
+            f"malformed override {override!r}: expected key=value, e.g. train.lr=1e-3 (use key=null for None)"
+        )
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, _Override):  # `x={a: 1}` then `x.b=2`: parse the earlier text into its mapping
+            child = child.parse()
+        # The override wins over a non-mapping value of the same section (its own type check happens later).
+        node[part] = child if isinstance(child, dict) else {}
+        node = node[part]
+    node[parts[-1]] = _Override(key, text.strip())
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    """Build dataclass `cls` from a raw mapping, checking every key and value; `prefix` is the dotted path so far."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for name in data:
+        if name not in names:
+            raise _unknown_key(cls, prefix, str(name))
+    kwargs = {}
+    for name in names:
+        key, hint = prefix + name, hints[name]
+        if dataclasses.is_dataclass(hint):
+            section = _resolve(data.get(name), None)
+            if section is None:  # missing, or a YAML header whose keys are all commented out
+                section = {}
+            if not isinstance(section, dict):
+                raise PeftlabError(
+                    f"{key}: expected a mapping of {key}.* keys, got {_show(section)}; "
+                    f"set one key with {key}.<name>=value"
+                )
+            kwargs[name] = _build(hint, section, key + ".")
+        elif name in data:
+            kwargs[name] = _coerce(data[name], hint, key)
+    obj = cls(**kwargs)
+    _check_section(obj, prefix)
+    return obj
+
+
+def _check_section(obj: Any, prefix: str) -> None:
+    for name, rule in _RANGES.get(type(obj), {}).items():
+        value = getattr(obj, name)
+        passes, requirement = _RULES[rule]
+        if value is not None and not passes(value):
+            raise PeftlabError(f"{prefix}{name}: {requirement}, got {value!r}")
+    check = _SECTION_CHECKS.get(type(obj))
+    if check:
+        check(obj, prefix)
+
+
+def _unknown_key(cls: type, prefix: str, name: str) -> PeftlabError:
+    key = prefix + name
+    candidates = _leaf_keys(cls, prefix)
+    # A key in the wrong section (`lr=...` for `train.lr=...`) is the commonest slip; then typos.
+    guesses = [c for c in candidates if c.rsplit(".", 1)[-1] == name] or difflib.get_close_matches(key, candidates, n=1)
+    hint = f"; did you mean {guesses[0]!r}?" if guesses else ""
+    section = f" under {prefix[:-1]}" if prefix else ""
+    valid = ", ".join(f.name for f in dataclasses.fields(cls) if f.init)
+    return PeftlabError(f"unknown config key {key!r}{hint} (valid keys{section}: {valid})")
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys += _leaf_keys(hint, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _resolve(value: Any, hint: Any) -> Any:
+    """Parse an override's text; a `str` field keeps the typed text where YAML would turn it into a bool/number/date."""
+    if not isinstance(value, _Override):
+        return value
+    parsed = value.parse()
+    # `data.name=yes` or `output_dir=2024` mean the text, not True or 2024; quotes and null still work as in YAML.
+    if _accepts_str(hint) and not isinstance(parsed, (str, list, dict, type(None))):
+        return value.text
+    return parsed
+
+
+def _plain(value: Any) -> Any:
+    """Resolve every override inside `value` to plain YAML data (for untyped mappings such as strategy options)."""
+    value = _resolve(value, None)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against type `hint` and return it in canonical form (int -> float), or raise naming `key`."""
+    value = _resolve(value, hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if _is_union(hint):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg, key)
+                except PeftlabError:
+                    pass
+    elif origin is Literal:
+        # `type(...) is` too: True == 1 must not pass for a Literal[1], nor 1 for a Literal[True].
+        if any(value == choice and type(value) is type(choice) for choice in args):
+            return value
+    elif origin is list or hint is list:
+        if isinstance(value, list):
+            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else _plain(value)
+    elif origin is dict or hint is dict:
+        if isinstance(value, dict):
+            key_hint, value_hint = args or (Any, Any)
+            return {_coerce(k, key_hint, key): _coerce(v, value_hint, f"{key}.{k}") for k, v in value.items()}
+    elif hint is Any:
+        return _plain(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint in (bool, str):
+        if isinstance(value, hint):
+            return value
+    else:
+        raise TypeError(f"config field {key} has a type the loader does not support: {hint}")
+    raise PeftlabError(f"{key}: expected {_describe(hint)}, got {_show(value)}")
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _accepts_str(hint: Any) -> bool:
+    return hint is str or (_is_union(hint) and str in typing.get_args(hint))
+
+
+def _describe(hint: Any) -> str:
+    """A type as users read it: `int or null`, `one of adamw, sgd`, `list of str`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if _is_union(hint):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is Literal:
+        return "one of " + ", ".join(str(choice) for choice in args)
+    if origin is list:
+        return f"list of {_describe(args[0])}" if args else "list"
+    if origin is dict:
+        return f"mapping of {_describe(args[0])} to {_describe(args[1])}" if args else "mapping"
+    names = {type(None): "null", bool: "bool (true/false)", dict: "mapping", Any: "any value"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else f"{value!r} ({type(value).__name__})"
+
+
+def _check_strategy(name: str, all_options: dict[str, dict]) -> None:
+    """Reject an unknown strategy and bad options of the selected one through the strategy registry's own check."""
+    try:
+        from peftlab.strategies import list_strategies, validate_strategy_options
+    except ImportError:  # configs still load where the registry (torch) cannot be imported
+        return
+    known = list_strategies()
+    for key, strategy in [("strategy", name)] + [(f"strategy_options.{s}", s) for s in all_options]:
+        if strategy not in known:
+            close = difflib.get_close_matches(strategy, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise PeftlabError(f"{key}: unknown strategy {strategy!r}{hint} (choose one of: {', '.join(known)})")
+    # Only the selected strategy's options are used, so only they are checked.
+    try:
+        validate_strategy_options(name, all_options.get(name, {}))
+    except PeftlabError as err:
+        raise PeftlabError(f"strategy_options.{name}: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Recipe command line: `python recipes/<task>.py [--config x.yaml] [--debug] [key=value ...]`
+# --------------------------------------------------------------------------------------------------------------------
+
+_FLAGS = "--config PATH, --debug, --help"
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the string literal under each field), read from its source with `ast`."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source file (e.g. defined in a REPL): no help text, not an error
+        return {}
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def config_help(cls: type = RecipeConfig, prefix: str = "") -> str:
+    """One entry per config key: `key: type = default`, then its docstring indented below."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines.append(config_help(hint, f"{prefix}{f.name}."))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  {prefix}{f.name}: {_describe(hint)} = {json.dumps(default)}")
+        if f.name in field_docs(cls):
+            lines.append(f"      {field_docs(cls)[f.name]}")
+    return "\n".join(lines)
+
+
+def recipe_help(prog: str, default_config: Optional[str] = None) -> str:
+    """The `--help` text of a recipe: usage, flags, then every config key with its type, default and docstring."""
+    return "\n".join([
+        f"usage: {prog} [--config PATH] [--debug] [--help] [key=value ...]",
+        "",
+        "options:",
+        f"  --config PATH  recipe YAML; key=value overrides apply on top (default: {default_config or 'none'})",
+        "  --debug        show full tracebacks instead of one-line errors",
+        "  -h, --help     show this help and exit",
+        "",
+        "config keys (`key: type = default`); override any with key=value, e.g. train.lr=1e-3 strategy=full:",
+        config_help(RecipeConfig),
+    ])
+
+
+def parse_recipe_args(
+    argv: Optional[list[str]] = None, default_config: Optional[str] = None
+) -> tuple[RecipeConfig, bool]:
+    """Parse `[--config PATH] [--debug] [--help] [key=value ...]` into (config, debug); `--help` prints and exits 0.
+
+    Args:
+        argv: the arguments after the program name (default: `sys.argv[1:]`).
+        default_config: the YAML loaded when no `--config` is given (None: the dataclass defaults).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(recipe_help(os.path.basename(sys.argv[0]) or "recipe", default_config))
+        sys.exit(0)
+    config_path, debug, overrides = default_config, False, []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--debug":
+            debug = True
+        elif arg == "--config" or arg.startswith("--config="):
+            config_path = arg.partition("=")[2] if "=" in arg else next(args, None)
+            if not config_path:
+                raise PeftlabError("--config needs a path to a YAML file, e.g. --config recipes/configs/x.yaml")
+        elif arg.startswith("-"):
+            raise PeftlabError(f"unknown flag {arg!r}; the flags are {_FLAGS}, and overrides are key=value")
+        else:
+            overrides.append(arg)
+    return load_config(config_path, overrides), debug
+
+
+def run_cli(
+    main: Callable[[RecipeConfig], Any], argv: Optional[list[str]] = None, default_config: Optional[str] = None
+) -> Any:
+    """Run a recipe's `main(cfg)` from the command line; a PeftlabError prints as `error: <message>` and exits 2.
+
+    With `--debug` the error is re-raised, so its traceback shows.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # known before parsing, so a bad config can show its traceback too
+    try:
+        cfg, debug = parse_recipe_args(argv, default_config)
+        return main(cfg)
+    except PeftlabError as err:
+        if debug:
+            raise
+        print("error: " + " ".join(str(err).split("\n")), file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,95 @@
+"""Classification metrics: evaluate modules shipped inside peftlab (so they load offline) plus the per-class report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import evaluate
+from sklearn.metrics import classification_report, confusion_matrix
+
+from peftlab.errors import PeftlabError
+
+METRIC_MODULES_DIR = Path(__file__).parent / "metric_modules"
+
+
+def shipped_metrics() -> list[str]:
+    """Names of the evaluate metric modules shipped in peftlab/metric_modules/."""
+    return sorted(path.parent.name for path in METRIC_MODULES_DIR.glob("*/*.py") if path.stem == path.parent.name)
+
+
+def load_metric(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
+    """Load a metric: peftlab's shipped module when there is one (no network), else `evaluate.load(name)` from the Hub.
+
+    Args:
+        name: a metric name (`accuracy`, `f1`, `precision`, `recall` are shipped) or a Hub id.
+        kwargs: passed to `evaluate.load`, e.g. `keep_in_memory=True`.
+    """
+    script = METRIC_MODULES_DIR / name / f"{name}.py"
+    if script.is_file():
+        return evaluate.load(str(script), **kwargs)
+    try:
+        return evaluate.load(name, **kwargs)
+    except (ConnectionError, FileNotFoundError, OSError) as err:
+        # Offline, the Hub lookup fails with a long multi-line error; say what works instead.
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PeftlabError(
+            f"metric {name!r} is not shipped with peftlab (shipped: {', '.join(shipped_metrics())}) "
+            f"and could not be loaded from the Hub: {first_line}"
+        ) from err
+
+
+def compute_classification_metrics(
+    predictions: Sequence[int], references: Sequence[int], label_names: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, macro F1/precision/recall, per-class report and confusion matrix for single-label classification.
+
+    Args:
+        predictions: predicted class ids (a list, numpy array or tensor).
+        references: true class ids, same length.
+        label_names: one name per class id 0..N-1; classes absent from a small eval set still get a row (scored 0).
+
+    Returns:
+        Flat scalar keys for logging (`accuracy`, `macro_f1`, `macro_precision`, `macro_recall`) and nested
+        `per_class` (scikit-learn's classification_report as a dict) and `confusion_matrix`
+        (rows: true class, columns: predicted class).
+    """
+    predictions, references = _to_int_list(predictions), _to_int_list(references)
+    # Fixing the label set keeps the macro averages and matrix shape the same whichever classes this eval set holds.
+    labels = list(range(len(label_names)))
+    results = {"accuracy": _compute("accuracy", predictions, references)}
+    for name in ("f1", "precision", "recall"):
+        results[f"macro_{name}"] = _compute(
+            name, predictions, references, labels=labels, average="macro", zero_division=0
+        )
+    report = classification_report(
+        references, predictions, labels=labels, target_names=list(label_names), output_dict=True, zero_division=0
+    )
+    results["per_class"] = _to_builtin(report)
+    results["confusion_matrix"] = confusion_matrix(references, predictions, labels=labels).tolist()
+    return results
+
+
+def scalar_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """Only the flat numeric entries of a metrics dict (what trackers log and `metric_for_best` picks from)."""
+    # bool is an int subclass; a flag is not a metric.
+    return {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _compute(name: str, predictions: list[int], references: list[int], **kwargs: Any) -> float:
+    # keep_in_memory: no cache files or file locks, so every process can compute on the gathered predictions.
+    metric = load_metric(name, keep_in_memory=True)
+    return metric.compute(predictions=predictions, references=references, **kwargs)[name]
+
+
+def _to_int_list(values: Any) -> list[int]:
+    # Tensors (on any device) and numpy arrays both have tolist(); plain sequences are copied.
+    values = values.tolist() if hasattr(values, "tolist") else list(values)
+    return [int(value) for value in values]
+
+
+def _to_builtin(value: Any) -> Any:
+    # classification_report returns numpy scalars (np.int64 supports are not JSON-serializable).
+    if isinstance(value, dict):
+        return {key: _to_builtin(item) for key, item in value.items()}
+    return value.item() if hasattr(value, "item") else value

@@ -1,0 +1,93 @@
+"""A run's output folder: refuse to clobber a finished run, then write weights, metrics, config and model card.
+
+Layout of `output_dir`:
+    config.yaml        the resolved config (what `predict` rebuilds the model from)
+    metrics.json       validation and test metrics, parameter counts, train time, throughput, peak memory
+    log.jsonl          the training log (plus TensorBoard event files under the tracker folders)
+    README.md          a model card
+    model/             what trained: a peft adapter for LoRA, the whole model for full, else the trained tensors
+    checkpoints/       resumable checkpoints (latest and best)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+
+from peftlab.config import RecipeConfig, save_config
+from peftlab.errors import PeftlabError
+from peftlab.params import ParameterCount
+from peftlab.saving import save_trained
+
+MODEL_SUBDIR = "model"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
+
+
+def prepare_output_dir(cfg: RecipeConfig) -> Path:
+    """Create `cfg.output_dir`; an existing non-empty one is refused unless resuming or `overwrite: true`."""
+    output_dir = Path(cfg.output_dir)
+    state = PartialState()
+    exists = output_dir.is_dir() and any(output_dir.iterdir())
+    if exists and cfg.resume_from is None and not cfg.overwrite:
+        raise PeftlabError(f"output_dir {output_dir} already holds a run; pass resume_from=latest to continue it, "
+                           "overwrite=true to replace it, or another output_dir")
+    if state.is_main_process:
+        if exists and cfg.overwrite and cfg.resume_from is None:
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+    return output_dir
+
+
+def write_run_outputs(output_dir: Path, cfg: RecipeConfig, task: str, model, preprocessor, metrics: dict[str, Any],
+                      counts: ParameterCount, label_names: list[str]) -> None:
+    """Save what trained (with its tokenizer or image settings), the config, metrics.json and a model card."""
+    model_dir = Path(output_dir) / MODEL_SUBDIR
+    save_trained(model, model_dir)
+    if preprocessor is not None and hasattr(preprocessor, "save_pretrained"):
+        preprocessor.save_pretrained(model_dir)
+    (model_dir / "labels.json").write_text(json.dumps(label_names) + "\n")
+    save_config(cfg, Path(output_dir) / CONFIG_FILE)
+    metrics = {**metrics, "parameters": {
+        "trainable": counts.trainable, "total": counts.total, "head": counts.head,
+        "trainable_without_head": counts.trainable_without_head,
+        "trainable_percent": round(counts.trainable_percent, 4),
+        "rule": "trainable includes the task head; trainable_without_head is the LoRA paper's rule"}}
+    (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    (Path(output_dir) / "README.md").write_text(model_card(cfg, task, metrics, counts, label_names))
+
+
+def model_card(cfg: RecipeConfig, task: str, metrics: dict[str, Any], counts: ParameterCount, label_names: list[str]) -> str:
+    """A short Markdown model card: base, strategy, data, results and how to load the weights."""
+    test = metrics.get("test", {})
+    options = cfg.strategy_options.get(cfg.strategy, {})
+    loading = (
+        "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"model\")\n```"
+        if cfg.strategy == "lora" else
+        "```python\nfrom peftlab.saving import load_trained\nmodel = load_trained(base_model, \"model\")\n```"
+    )
+    return f"""---
+library_name: peftlab
+base_model: {cfg.model.name}
+tags: [peftlab, {cfg.strategy}, {task}-classification]
+---
+# {cfg.model.name} fine-tuned with peftlab ({cfg.strategy})
+
+- Base model: `{cfg.model.name}`{f" ({cfg.model.quantization} weights)" if cfg.model.quantization else ""}
+- Strategy: `{cfg.strategy}` {json.dumps(options) if options else ""}, pooling `{cfg.model.pooling}`
+- Data: `{cfg.data.name}`, labels {label_names}
+- Parameters: {counts}
+- Test accuracy: {test.get("accuracy", float("nan")):.4f}, macro-F1: {test.get("macro_f1", float("nan")):.4f}
+- Training: {metrics.get("train_time_s", 0):.0f} s, {metrics.get("samples_per_s", 0):.1f} samples/s
+
+`base_model` is the backbone loaded with a {len(label_names)}-label head (`peftlab.backbones.load_backbone`).
+
+{loading}
+
+Or label new inputs: `python -m peftlab.predict <this folder> INPUT ...` (texts, or image files).
+"""
