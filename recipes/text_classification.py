@@ -45,7 +45,7 @@ def main(cfg: RecipeConfig) -> dict:
     counts = count_parameters(model)
     accelerator.print(f"{cfg.strategy} on {cfg.model.name}: {counts}")
 
-    with accelerator.main_process_first():  # one process tokenizes, the others read datasets' cache
+    with accelerator.main_process_first():
         tokenized = tokenize_dataset(data.splits, backbone.tokenizer, cfg.data.max_length)
     train_loader = make_text_dataloader(tokenized["train"], backbone.tokenizer, cfg.train.batch_size, shuffle=True,
                                         group_by_length=cfg.train.group_by_length, seed=cfg.train.seed)

@@ -1,0 +1,244 @@
+"""What text and image loading share: the `LabelledDataset` result, label encoding, the seeded split and Hub loading."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import datasets
+import numpy as np
+
+from peftlab.errors import PeftlabError
+
+SPLIT_NAMES = ("train", "validation", "test")
+# Names other datasets use for the same three splits, mapped to ours.
+SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+                 "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
+# A name ending like a data file is a path (a missing one), never a Hub id, even though Hub ids may contain dots.
+DATA_FILE_SUFFIXES = {".csv", ".tsv", ".txt", ".json", ".jsonl", ".parquet", ".zip", ".gz", ".bz2"}
+# `owner/name` as the Hub spells repository ids.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LabelledDataset:
+    """Train/validation/test splits with a `label` column of class ids, and the class names in id order."""
+
+    splits: datasets.DatasetDict
+    label_names: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes (the size of the classification head)."""
+        return len(self.label_names)
+
+
+def looks_like_path(name: str) -> bool:
+    """True when `name` is meant as a local path rather than a Hub id (`owner/name`, which may contain dots)."""
+    return (name.startswith((".", "~", "/")) or "\\" in name or name.count("/") > 1
+            or Path(name).suffix.lower() in DATA_FILE_SUFFIXES)
+
+
+def unknown_name_error(name: str, kind: str, packaged: Sequence[str]) -> PeftlabError:
+    """The error for a name that is neither packaged, nor an existing path, nor a Hub id."""
+    return PeftlabError(
+        f"unknown {kind} dataset {name!r}: use a packaged name ({', '.join(packaged)}), "
+        f"an existing local path, or a Hub id written 'owner/name'"
+    )
+
+
+def load_hub_splits(name: str) -> dict[str, datasets.Dataset]:
+    """Load a Hub dataset and return its splits under our names (train/validation/test), unknown splits dropped."""
+    if not _HUB_ID.match(name):
+        raise PeftlabError(f"{name!r} is not a Hub dataset id; write it as 'owner/name' or pass an existing local path")
+    try:
+        loaded = datasets.load_dataset(name)
+    except Exception as err:  # the Hub raises many types (network, auth, missing repo); users need one line
+        raise PeftlabError(
+            f"could not load Hub dataset {name!r} ({first_line(err)}); check the id and your network, "
+            f"or set HF_HUB_OFFLINE=1 to use a copy already in the datasets cache"
+        ) from err
+    return rename_splits(dict(loaded), source=name)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    message = str(err).strip()
+    return message.splitlines()[0] if message else type(err).__name__
+
+
+def rename_splits(found: dict[str, datasets.Dataset], *, source: str) -> dict[str, datasets.Dataset]:
+    """Map split names such as `dev` or `valid` to ours; error when no train split is among them."""
+    splits = {}
+    for split_name, split in found.items():
+        ours = SPLIT_ALIASES.get(split_name.lower())
+        if ours is not None and ours not in splits:
+            splits[ours] = split
+    if "train" not in splits:
+        raise PeftlabError(f"{source} has no train split (found: {', '.join(found) or 'none'}); "
+                           f"name one split 'train'")
+    return splits
+
+
+def select_columns(splits: dict[str, datasets.Dataset], columns: dict[str, str], *,
+                   source: str) -> dict[str, datasets.Dataset]:
+    """Keep only the source columns in `columns` (source name -> our name), renamed; error naming what exists."""
+    selected = {}
+    for split_name, split in splits.items():
+        for column in columns:
+            if column not in split.column_names:
+                raise PeftlabError(
+                    f"{source} ({split_name} split) has no column {column!r}; its columns are "
+                    f"{', '.join(split.column_names)}: set the matching *_column option"
+                )
+        split = split.select_columns(list(columns))
+        renames = {old: new for old, new in columns.items() if old != new}
+        selected[split_name] = split.rename_columns(renames) if renames else split
+    return selected
+
+
+def drop_unlabelled_splits(splits: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
+    """Drop evaluation splits whose labels are all -1 (Hub benchmarks hide test labels that way); they get re-split."""
+    kept = {}
+    for split_name, split in splits.items():
+        labels = split["label"]
+        if split_name != "train" and len(labels) > 0 and all(label == -1 for label in labels):
+            warnings.warn(f"the {split_name} split has no labels (all -1); making a new one from train instead")
+            continue
+        kept[split_name] = split
+    return kept
+
+
+def encode_labels(splits: dict[str, datasets.Dataset], label_names: Sequence[str] | None, *,
+                  source: str) -> tuple[dict[str, datasets.Dataset], list[str]]:
+    """Turn the `label` column into class ids (a ClassLabel feature) and return the class names in id order.
+
+    Args:
+        splits: split name -> dataset with a `label` column of strings, ints or a ClassLabel.
+        label_names: names in id order to use; by default a ClassLabel's names, the sorted strings,
+            or `str(id)` for ids 0..max.
+    """
+    first = next(iter(splits.values())).features["label"]
+    values = [value for split in splits.values() for value in split["label"]]
+    if any(value is None for value in values):
+        raise PeftlabError(f"{source} has rows without a label; remove them or fill them in")
+    if all(isinstance(value, str) for value in values):
+        names = list(label_names) if label_names is not None else sorted(set(values))
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise PeftlabError(f"{source} has labels {unknown[:5]} that are not in label_names {names}; "
+                               f"add them to label_names")
+        to_id = {name: index for index, name in enumerate(names)}
+        ids = {split_name: [to_id[v] for v in split["label"]] for split_name, split in splits.items()}
+    else:
+        check_label_ids(values, source=source)
+        if label_names is not None:
+            names = list(label_names)
+        elif isinstance(first, datasets.ClassLabel):
+            names = list(first.names)
+        else:
+            names = [str(index) for index in range(int(max(values)) + 1)]
+        too_big = sorted({int(v) for v in values if int(v) >= len(names)})
+        if too_big:
+            raise PeftlabError(f"{source} has label ids {too_big[:5]} but only {len(names)} label names "
+                               f"{names}; give one name per class id")
+        ids = {split_name: [int(v) for v in split["label"]] for split_name, split in splits.items()}
+    if len(set(names)) != len(names):
+        raise PeftlabError(f"label_names {names} contain duplicates; give each class one distinct name")
+    if len(set(values)) < 2:
+        raise PeftlabError(f"{source} has fewer than 2 distinct labels ({sorted(set(map(str, values)))}); "
+                           f"a classifier needs at least 2 classes")
+    label_feature = datasets.ClassLabel(names=names)
+    encoded = {split_name: split.remove_columns("label").add_column("label", ids[split_name], feature=label_feature)
+               for split_name, split in splits.items()}
+    return encoded, names
+
+
+def check_label_ids(values: list, *, source: str) -> None:
+    """Error unless every label is a non-negative whole number (bools and 1.0 count; 0.5, -1 and 'x' do not)."""
+    for value in values:
+        is_number = isinstance(value, (int, float, np.integer, np.floating))
+        if not is_number or not float(value).is_integer():
+            raise PeftlabError(f"{source} has label {value!r}; labels must be all strings or all integer class ids")
+        if value < 0:
+            raise PeftlabError(f"{source} has negative label id {value!r}; class ids start at 0")
+
+
+def labelled_dataset(splits: dict[str, datasets.Dataset], label_names: Sequence[str] | None, *, source: str,
+                     validation_fraction: float, test_fraction: float, split_seed: int,
+                     max_train_samples: int | None, max_eval_samples: int | None) -> LabelledDataset:
+    """What every loader ends with: drop unlabelled splits, encode labels, carve missing splits, truncate."""
+    splits, names = encode_labels(drop_unlabelled_splits(splits), label_names, source=source)
+    splits = complete_splits(
+        splits, validation_fraction=validation_fraction, test_fraction=test_fraction, split_seed=split_seed,
+        max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, source=source,
+    )
+    return LabelledDataset(splits=splits, label_names=names)
+
+
+def complete_splits(splits: dict[str, datasets.Dataset], *, validation_fraction: float, test_fraction: float,
+                    split_seed: int, max_train_samples: int | None, max_eval_samples: int | None,
+                    source: str) -> datasets.DatasetDict:
+    """Carve missing validation/test splits out of train (seeded, stratified), truncate, and check none is empty."""
+    splits = dict(splits)
+    missing = [name for name in ("validation", "test") if name not in splits]
+    if missing:
+        fractions = {"validation": validation_fraction, "test": test_fraction}
+        check_fractions({name: fractions[name] for name in missing})
+        parts = stratified_split(splits["train"], [fractions[name] for name in missing], seed=split_seed)
+        splits["train"] = parts[0]
+        splits.update(zip(missing, parts[1:]))
+    limits = {"train": ("max_train_samples", max_train_samples), "validation": ("max_eval_samples", max_eval_samples),
+              "test": ("max_eval_samples", max_eval_samples)}
+    for name in SPLIT_NAMES:
+        if len(splits[name]) == 0:
+            raise PeftlabError(f"the {name} split of {source} is empty; add examples (splits carved from train "
+                               f"also follow validation_fraction and test_fraction)")
+        splits[name] = truncate(splits[name], *limits[name], seed=split_seed)
+    return datasets.DatasetDict({name: splits[name] for name in SPLIT_NAMES})
+
+
+def check_fractions(fractions: dict[str, float]) -> None:
+    """Error unless each fraction is in (0, 1) and together they leave examples for training."""
+    for name, fraction in fractions.items():
+        if not 0 < fraction < 1:
+            raise PeftlabError(f"{name}_fraction is {fraction}; it must be between 0 and 1 (exclusive) "
+                               f"because the source has no {name} split")
+    if sum(fractions.values()) >= 1:
+        raise PeftlabError(f"validation_fraction + test_fraction is {sum(fractions.values())}; "
+                           f"keep it below 1 so training examples remain")
+
+
+def stratified_split(dataset: datasets.Dataset, fractions: Sequence[float], *, seed: int) -> list[datasets.Dataset]:
+    """Split into [rest, part_1, ..., part_k], part_i holding round(n * fraction_i) examples (at least 1), stratified.
+
+    Within each class the examples are shuffled and given the key (rank + 0.5) / class size, then all examples are
+    ordered by that key: any prefix of the order holds each class in proportion (up to one example), so
+    cutting the parts off the front stratifies them exactly without per-class rounding.
+    """
+    labels = np.asarray(dataset["label"])
+    rng = np.random.default_rng(seed)
+    keys = np.empty(len(labels))
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        keys[members] = (np.arange(len(members)) + 0.5) / len(members)
+    # A random tiebreak keeps classes of equal size from always leading in the same order.
+    order = np.lexsort((rng.random(len(labels)), keys))
+    sizes = [max(1, round(len(labels) * fraction)) for fraction in fractions]
+    bounds = np.cumsum([0, *sizes])
+    parts = [np.sort(order[bounds[-1]:])]
+    parts += [np.sort(order[start:end]) for start, end in zip(bounds[:-1], bounds[1:])]
+    return [dataset.select(indices) for indices in parts]
+
+
+def truncate(dataset: datasets.Dataset, option: str, limit: int | None, *, seed: int) -> datasets.Dataset:
+    """Keep `limit` examples chosen by a seeded shuffle (all of them when limit is None or larger)."""
+    if limit is not None and limit < 1:
+        raise PeftlabError(f"{option} is {limit}; use a positive number or leave it unset for all examples")
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(limit))
+
