@@ -300,7 +300,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
                 )
             kwargs[name] = _build(hint, section, key + ".")
         elif name in data:
-            kwargs[name] = _coerce(data[name], hint, key)
+            kwargs[name] = coerce_value(data[name], hint, key)
     obj = cls(**kwargs)
     _check_section(obj, prefix)
     return obj
@@ -359,7 +359,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
+def coerce_value(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against type `hint` and return it in canonical form (int -> float), or raise naming `key`."""
     value = _resolve(value, hint)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -369,20 +369,23 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         for arg in args:
             if arg is not type(None):
                 try:
-                    return _coerce(value, arg, key)
+                    return coerce_value(value, arg, key)
                 except PeftlabError:
                     pass
     elif origin is Literal:
+        # YAML 1.1 reads a bare `no`/`yes` as a bool; give it back its text where that text is a choice.
+        if isinstance(value, bool) and {False: "no", True: "yes"}[value] in args:
+            value = {False: "no", True: "yes"}[value]
         # `type(...) is` too: True == 1 must not pass for a Literal[1], nor 1 for a Literal[True].
         if any(value == choice and type(value) is type(choice) for choice in args):
             return value
     elif origin is list or hint is list:
         if isinstance(value, list):
-            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else _plain(value)
+            return [coerce_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else _plain(value)
     elif origin is dict or hint is dict:
         if isinstance(value, dict):
             key_hint, value_hint = args or (Any, Any)
-            return {_coerce(k, key_hint, key): _coerce(v, value_hint, f"{key}.{k}") for k, v in value.items()}
+            return {coerce_value(k, key_hint, key): coerce_value(v, value_hint, f"{key}.{k}") for k, v in value.items()}
     elif hint is Any:
         return _plain(value)
     elif hint is float:

@@ -50,7 +50,7 @@ def find_blocks(model: nn.Module, head_modules: Sequence[str] = ()) -> tuple[str
     """The model's stack of repeated blocks: the ModuleList holding the most parameters outside the head."""
     best: tuple[int, str, Optional[nn.ModuleList]] = (0, "", None)
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and not is_in_modules(name, head_modules):
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and not is_in_modules(name, head_modules):
             size = sum(p.numel() for p in module.parameters())
             if size > best[0]:
                 best = (size, name, module)

@@ -26,6 +26,7 @@ from peftlab.saving import save_trained
 MODEL_SUBDIR = "model"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
+TASK_FILE = "task.json"
 
 
 def prepare_output_dir(cfg: RecipeConfig) -> Path:
@@ -51,7 +52,7 @@ def write_run_outputs(output_dir: Path, cfg: RecipeConfig, task: str, model, pre
     save_trained(model, model_dir)
     if preprocessor is not None and hasattr(preprocessor, "save_pretrained"):
         preprocessor.save_pretrained(model_dir)
-    (model_dir / "labels.json").write_text(json.dumps(label_names) + "\n")
+    (model_dir / TASK_FILE).write_text(json.dumps({"task": task, "label_names": label_names}) + "\n")
     save_config(cfg, Path(output_dir) / CONFIG_FILE)
     metrics = {**metrics, "parameters": {
         "trainable": counts.trainable, "total": counts.total, "head": counts.head,

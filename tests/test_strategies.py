@@ -228,10 +228,10 @@ def test_registry_accepts_a_new_strategy():
 @pytest.mark.parametrize("call,message", [
     (lambda: apply_strategy(build("bert"), "prefix-tuning"), "unknown strategy 'prefix-tuning'"),
     (lambda: apply_strategy(build("bert"), "lora", rank=8), "has no option 'rank'"),
-    (lambda: apply_strategy(build("bert"), "lora", r="eight"), "option r='eight' is invalid"),
+    (lambda: apply_strategy(build("bert"), "lora", r="eight"), "option r: expected int, got 'eight'"),
     (lambda: apply_strategy(build("bert"), "lora", r=0), "r=0 must be >= 1"),
     (lambda: apply_strategy(build("bert"), "lora", target_modules=["qkv_nope"]), "match no module"),
-    (lambda: apply_strategy(build("bert"), "adapter", kind="parallel"), "expected one of 'houlsby', 'pfeiffer'"),
+    (lambda: apply_strategy(build("bert"), "adapter", kind="parallel"), "expected one of houlsby, pfeiffer"),
     (lambda: apply_strategy(build("bert"), "partial", top_k=5), "exceeds the model's 2 blocks"),
     (lambda: apply_strategy(build("cnn"), "adapter", kind="houlsby"), "use strategy_options.adapter.kind=pfeiffer"),
     (lambda: apply_strategy(build("bert"), "head", head_modules=["cls_head"]), "not found"),

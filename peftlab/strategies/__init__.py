@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
+from peftlab.config import coerce_value
 from peftlab.errors import PeftlabError
 from peftlab.heads import find_head
 from peftlab.pooling import POOLINGS, apply_mean_pooling
@@ -61,8 +62,7 @@ def validate_strategy_options(name: str, options: Optional[dict] = None) -> Any:
         if key not in fields:
             raise PeftlabError(f"strategy {name!r} has no option {key!r}; its options are {sorted(fields) or 'none'}")
         hint = typing.get_type_hints(strategy.options_cls)[key]
-        if not _matches(value, hint):
-            raise PeftlabError(f"strategy {name!r} option {key}={value!r} is invalid; expected {_describe(hint)}")
+        options[key] = coerce_value(value, hint, f"strategy {name!r} option {key}")
     built = strategy.options_cls(**options)
     check = getattr(built, "validate", None)
     if check:
@@ -120,36 +120,6 @@ def is_quantized(model: nn.Module) -> bool:
     """Whether the model's weights were loaded in 8-bit or 4-bit through bitsandbytes."""
     return bool(getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_8bit", False)
                 or getattr(model, "is_loaded_in_4bit", False))
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin is typing.Union or str(origin) == "types.UnionType":
-        return any(_matches(value, a) for a in args)
-    if origin is typing.Literal:
-        return value in args
-    if hint is type(None):
-        return value is None
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value) if args else True
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is typing.Union or str(origin) == "types.UnionType":
-        return " or ".join(_describe(a) for a in args)
-    if hint is type(None):
-        return "null"
-    return getattr(hint, "__name__", str(hint))
 
 
 # Importing the modules registers the built-in strategies.

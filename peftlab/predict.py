@@ -1,0 +1,96 @@
+"""Label new texts or images with a run's output folder.
+
+    python -m peftlab.predict outputs/minilm_lora_rotten_tomatoes "a gripping, beautifully shot film" "dull"
+    python -m peftlab.predict outputs/minilm_lora_rotten_tomatoes --file reviews.txt     # one text per line
+    python -m peftlab.predict outputs/efficientnet_lite0_lora_animal_mnist cat.png dog.jpg
+
+Prints one JSON line per input: {"input": ..., "label": ..., "score": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from peftlab.backbones import load_backbone
+from peftlab.config import load_config
+from peftlab.errors import PeftlabError
+from peftlab.runs import CONFIG_FILE, MODEL_SUBDIR, TASK_FILE
+from peftlab.saving import load_trained
+
+
+class Predictor:
+    """A trained run loaded for inference: the base backbone plus what trained, in eval mode."""
+
+    def __init__(self, run_dir: str | Path):
+        run_dir = Path(run_dir)
+        model_dir = run_dir / MODEL_SUBDIR
+        if not (model_dir / TASK_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
+            raise PeftlabError(f"{run_dir} is not a finished peftlab run (no {CONFIG_FILE} or {MODEL_SUBDIR}/{TASK_FILE})")
+        self.cfg = load_config(str(run_dir / CONFIG_FILE))
+        info = json.loads((model_dir / TASK_FILE).read_text())
+        self.task, self.label_names = info["task"], info["label_names"]
+        backbone = load_backbone(self.cfg.model.name, task=self.task, num_labels=len(self.label_names),
+                                 label_names=self.label_names, quantization=self.cfg.model.quantization,
+                                 skip_modules=self.cfg.model.head_modules,
+                                 trust_remote_code=self.cfg.model.trust_remote_code,
+                                 num_hidden_layers=self.cfg.model.num_hidden_layers)
+        self.backbone = backbone
+        self.model = load_trained(backbone.model, model_dir).eval()
+        if self.task == "image":
+            from peftlab.data.transforms import build_image_transform
+
+            self.transform = build_image_transform(self.cfg.data.image_size, backbone.image_mean, backbone.image_std,
+                                                   train=False)
+
+    @torch.no_grad()
+    def probabilities(self, inputs: list) -> torch.Tensor:
+        """Class probabilities (N, num_labels) for texts, or image paths / PIL images."""
+        if self.task == "text":
+            batch = self.backbone.tokenizer(inputs, truncation=True, max_length=self.cfg.data.max_length,
+                                            padding=True, return_tensors="pt")
+        else:
+            images = [Image.open(x) if isinstance(x, (str, Path)) else x for x in inputs]
+            batch = {"pixel_values": torch.stack([self.transform(image) for image in images])}
+        return self.model(**batch).logits.float().softmax(dim=-1)
+
+    def predict(self, inputs: list, batch_size: int = 64) -> list[dict]:
+        """One {"input", "label", "score"} dict per input."""
+        results = []
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start:start + batch_size]
+            scores, ids = self.probabilities(chunk).max(dim=-1)
+            results += [{"input": str(x), "label": self.label_names[i], "score": round(s, 4)}
+                        for x, i, s in zip(chunk, ids.tolist(), scores.tolist())]
+        return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m peftlab.predict", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", help="a run's output_dir")
+    parser.add_argument("inputs", nargs="*", help="texts, or image files for an image run")
+    parser.add_argument("--file", help="a text file with one input per line")
+    args = parser.parse_args(argv)
+    try:
+        inputs = list(args.inputs)
+        if args.file:
+            path = Path(args.file)
+            if not path.is_file():
+                raise PeftlabError(f"--file {path} does not exist")
+            inputs += [line for line in path.read_text().splitlines() if line.strip()]
+        if not inputs:
+            raise PeftlabError("nothing to label: pass texts/image paths or --file")
+        for result in Predictor(args.run_dir).predict(inputs):
+            print(json.dumps(result))
+    except PeftlabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
