@@ -1,0 +1,296 @@
+"""The one training loop: optimizer, schedule, accumulation, evaluation, early stopping, checkpoints and resume."""
+
+from __future__ import annotations
+
+import math
+import re
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from peftlab.checkpointing import (
+    Progress,
+    latest_checkpoint,
+    load_checkpoint,
+    load_rng_state,
+    load_trainable_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    step_dir,
+)
+from peftlab.errors import PeftlabError
+from peftlab.tracking import build_trackers
+
+
+@dataclass
+class TrainResult:
+    """What a training run returns; the model itself now holds the best evaluation's weights."""
+
+    best_metrics: dict[str, float]
+    """The validation metrics of the best evaluation (the weights the model holds after train)."""
+    best_step: int | None
+    history: list[dict]
+    """One dict per evaluation: {"step": N, "loss": ..., <compute_metrics keys>}."""
+    global_step: int
+    train_time_s: float
+    """Wall time of this call, evaluation and checkpointing included."""
+    samples_per_s: float
+    """Training samples over all processes per second of training steps (evaluation and checkpointing excluded)."""
+    peak_memory_mb: float
+    """CUDA max allocated memory, or the process's max resident set size on CPU."""
+    stopped_early: bool
+    best_checkpoint: str | None = None
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """Turn `train.mixed_precision` into accelerate's value: `auto` is bf16 where the hardware has it, else `no`."""
+    on_cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+    if choice == "fp16" and not on_cuda:
+        raise PeftlabError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or auto on CPU")
+    if choice != "auto":
+        return choice
+    if on_cuda:
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if _cpu_has_bf16() else "no"
+
+
+def _cpu_has_bf16() -> bool:
+    # Without AVX512-BF16 or AMX, CPU bf16 is emulated and slower than fp32.
+    if "AMX" in torch.backends.cpu.get_cpu_capability():
+        return True
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+
+
+def build_accelerator(train_cfg, output_dir) -> Accelerator:
+    """An Accelerator with the run's precision, accumulation, trackers and epoch-seeded shuffling."""
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(train_cfg.mixed_precision),
+        gradient_accumulation_steps=train_cfg.grad_accum_steps,
+        log_with=build_trackers(train_cfg.trackers, output_dir),
+        project_dir=str(output_dir),
+        # Shuffle order = f(seed + epoch), the same on every process and after a resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg.seed),
+    )
+
+
+def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters; biases and norm weights (1-D) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PeftlabError("the model has no trainable parameters; check the strategy and its options")
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": train_cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum)
+    return torch.optim.AdamW(groups, lr=train_cfg.lr)
+
+
+def build_scheduler(optimizer, train_cfg, num_steps: int):
+    """Warmup for `warmup_ratio` of `num_steps`, then linear/cosine decay or constant."""
+    name = "constant_with_warmup" if train_cfg.scheduler == "constant" else train_cfg.scheduler
+    warmup = round(train_cfg.warmup_ratio * num_steps)  # e.g. 0.06 x 500 steps = 30 warmup steps
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=num_steps)
+
+
+def evaluate(model, loader, accelerator, compute_metrics) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Mean loss plus compute_metrics over a prepared loader; predictions gathered across processes, no duplicates."""
+    was_training = model.training
+    model.eval()
+    predictions, references, losses = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            out = model(**batch)
+            logits = out.logits.float()
+            pred = logits.argmax(-1) if logits.shape[-1] > 1 else logits.squeeze(-1)  # class ids, or regression values
+            labels = batch["labels"]
+            pred, labels, loss = accelerator.gather_for_metrics((pred, labels, _per_sample_loss(out, labels)))
+            predictions.append(pred.cpu())
+            references.append(labels.cpu())
+            losses.append(loss.cpu())
+    model.train(was_training)
+    predictions, references = torch.cat(predictions).numpy(), torch.cat(references).numpy()
+    metrics = {"loss": torch.cat(losses).mean().item(), **compute_metrics(predictions, references)}
+    return metrics, predictions, references
+
+
+def _per_sample_loss(out, labels: torch.Tensor) -> torch.Tensor:
+    # Per-sample losses let gather_for_metrics drop the padding duplicates of the last batch exactly.
+    if out.logits.ndim == 2 and out.logits.shape[-1] > 1 and not labels.is_floating_point():
+        return torch.nn.functional.cross_entropy(out.logits.float(), labels, reduction="none")
+    return out.loss.float().reshape(1).expand(len(labels))  # other heads: the batch mean stands for each sample
+
+
+def train(
+    model, *, accelerator, train_cfg, train_loader, eval_loader, compute_metrics, output_dir, resume_from=None
+) -> TrainResult:
+    """Train the model's trainable parameters; afterwards it holds the weights of the best evaluation."""
+    start = time.perf_counter()
+    set_seed(train_cfg.seed)
+    optimizer = build_optimizer(model, train_cfg)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    # One optimizer step per grad_accum_steps batches, the remainder making one more: 10 batches / 4 -> 3 steps.
+    steps_per_epoch = math.ceil(len(train_loader) / train_cfg.grad_accum_steps)
+    total_steps = train_cfg.max_steps or steps_per_epoch * train_cfg.epochs
+    # A prepared scheduler steps once per process per optimizer step (accelerate's convention), so count in those.
+    scheduler = accelerator.prepare(build_scheduler(optimizer, train_cfg, total_steps * accelerator.num_processes))
+
+    progress, rng_state = Progress(), None
+    if resume_from is not None:
+        path = resolve_checkpoint(resume_from, output_dir)
+        progress = load_checkpoint(path, accelerator, model, optimizer, scheduler)
+        rng_state = load_rng_state(path, accelerator.process_index)
+    if not accelerator.trackers:
+        accelerator.init_trackers("peftlab", config={f"train.{k}": _loggable(v) for k, v in asdict(train_cfg).items()})
+
+    bar = tqdm(total=total_steps, initial=progress.global_step, desc="train",
+               disable=not accelerator.is_local_main_process)
+    stopped_early = _patience_exhausted(progress, train_cfg)  # a resumed run may have stopped early already
+    stop = stopped_early or progress.global_step >= total_steps
+    samples, housekeeping_s, window, micro_losses = 0, 0.0, [], []
+    model.train()
+    while not stop:
+        batches = _epoch_batches(accelerator, train_loader, progress)
+        if rng_state is not None and progress.batches_in_epoch == 0:
+            set_rng_state(rng_state)  # resumed at an epoch boundary: before the iterator draws its seed
+            rng_state = None
+        for batch in batches:
+            if rng_state is not None:
+                # Resumed mid-epoch: the interrupted run saved its RNG after this epoch's iterator drew its seed.
+                set_rng_state(rng_state)
+                rng_state = None
+            progress.batches_in_epoch += 1
+            samples += len(batch["labels"]) * accelerator.num_processes
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                micro_losses.append(loss.detach().float())
+                if accelerator.sync_gradients:
+                    step_loss = _step_loss(accelerator, micro_losses, progress.global_step + 1, output_dir)
+                    if train_cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            progress.global_step += 1
+            micro_losses, epoch_end = [], progress.batches_in_epoch == len(train_loader)
+            if epoch_end:  # a checkpoint taken now resumes at the start of the next epoch
+                progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            window.append(step_loss)
+            if train_cfg.log_every and progress.global_step % train_cfg.log_every == 0:
+                lr = scheduler.get_last_lr()[0]
+                accelerator.log({"train/loss": sum(window) / len(window), "train/lr": lr}, step=progress.global_step)
+                window = []
+
+            housekeeping_start = time.perf_counter()
+            last = progress.global_step >= total_steps
+            evaluated = improved = False
+            if _should_evaluate(train_cfg, progress.global_step, epoch_end, last):
+                metrics, _, _ = evaluate(model, eval_loader, accelerator, compute_metrics)
+                evaluated, improved = True, _record_evaluation(progress, metrics, train_cfg.metric_for_best)
+                accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.global_step)
+                stopped_early = _patience_exhausted(progress, train_cfg)
+            stop = last or stopped_early
+            if _should_save(train_cfg, progress.global_step, evaluated, improved, stop):
+                save_checkpoint(accelerator, model, optimizer, scheduler, progress, output_dir)
+            housekeeping_s += time.perf_counter() - housekeeping_start
+            if stop:
+                break
+        batches.end()  # an early break would leave the loader registered in accelerate's gradient state
+    bar.close()
+
+    best = step_dir(output_dir, progress.best_step) if progress.best_step is not None else None
+    if best is not None:
+        load_trainable_weights(accelerator.unwrap_model(model), best)
+    train_time = time.perf_counter() - start
+    best_metrics = next((h for h in progress.history if h["step"] == progress.best_step), {})
+    return TrainResult(
+        best_metrics={k: v for k, v in best_metrics.items() if k != "step"},
+        best_step=progress.best_step,
+        history=progress.history,
+        global_step=progress.global_step,
+        train_time_s=train_time,
+        samples_per_s=samples / max(train_time - housekeeping_s, 1e-9),
+        peak_memory_mb=_peak_memory_mb(accelerator),
+        stopped_early=stopped_early,
+        best_checkpoint=str(best) if best else None,
+    )
+
+
+def _epoch_batches(accelerator, loader, progress: Progress):
+    """This epoch's batches in their seeded order, without those a resumed run already consumed."""
+    loader.set_epoch(progress.epoch)  # reaches the (seedable or length-grouped) sampler, also under the DDP shard
+    if progress.batches_in_epoch:
+        return accelerator.skip_first_batches(loader, progress.batches_in_epoch)
+    return loader
+
+
+def _step_loss(accelerator, micro_losses: list, step: int, output_dir) -> float:
+    """Mean loss of this step over micro-batches and processes; raise on nan/inf before it reaches the weights."""
+    loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+    if not math.isfinite(loss):
+        raise PeftlabError(
+            f"loss became {loss} at step {step}; lower train.lr or set train.max_grad_norm; "
+            f"last good checkpoint: {latest_checkpoint(output_dir) or 'none saved yet'}"
+        )
+    return loss
+
+
+def _should_evaluate(train_cfg, step: int, epoch_end: bool, last: bool) -> bool:
+    every = train_cfg.eval_every
+    return last or (step % every == 0 if every else epoch_end)
+
+
+def _should_save(train_cfg, step: int, evaluated: bool, improved: bool, stop: bool) -> bool:
+    # A new best is always saved: it is where the model's final weights come from.
+    every = train_cfg.checkpoint_every
+    return stop or improved or (step % every == 0 if every else evaluated)
+
+
+def _record_evaluation(progress: Progress, metrics: dict, metric_for_best: str) -> bool:
+    """Append to the history and update best/patience; True when this evaluation is the new best."""
+    if metric_for_best not in metrics:
+        raise PeftlabError(f"train.metric_for_best={metric_for_best!r} is not among the metrics {sorted(metrics)}")
+    progress.history.append({"step": progress.global_step, **metrics})
+    value, best = metrics[metric_for_best], progress.best_metric
+    lower_is_better = "loss" in metric_for_best
+    improved = best is None or (value < best if lower_is_better else value > best)
+    if improved:
+        progress.best_metric, progress.best_step, progress.evals_since_best = value, progress.global_step, 0
+    else:
+        progress.evals_since_best += 1
+    return improved
+
+
+def _patience_exhausted(progress: Progress, train_cfg) -> bool:
+    patience = train_cfg.early_stopping_patience
+    return patience is not None and progress.evals_since_best >= patience
+
+
+def _loggable(value):
+    # TensorBoard's hparams accept only numbers, strings and bools.
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def _peak_memory_mb(accelerator) -> float:
+    if accelerator.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(accelerator.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -1,0 +1,147 @@
+"""A tiny random BERT on a synthetic token task, for the training tests; also a script for subprocess runs.
+
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --main_process_port 29555 \
+        tests/tiny_train.py --output-dir /tmp/run --batch-size 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from peftlab.config import TrainConfig  # noqa: E402
+from peftlab.training import build_accelerator, train  # noqa: E402
+
+VOCAB, SEQ_LEN = 100, 8
+FROZEN = ("bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings", "bert.encoder.layer.0.")
+
+
+def tiny_model(seed: int = 0, dropout: float = 0.1, freeze: bool = True) -> BertForSequenceClassification:
+    """hidden 32, 2 layers, 2 heads; `freeze` freezes layer 0 and position/type embeddings (a PEFT-like split)."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=SEQ_LEN, num_labels=2, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    model = BertForSequenceClassification(config)
+    if freeze:
+        for name, p in model.named_parameters():
+            p.requires_grad = not name.startswith(FROZEN)
+    return model
+
+
+class TokenTask(torch.utils.data.Dataset):
+    """Class 0 draws most tokens from [2, 51), class 1 from [51, 100); 30% of tokens are uniform noise."""
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        low = 2 + 49 * self.labels[:, None]
+        signal = low + torch.randint(0, 49, (n, SEQ_LEN), generator=g)
+        noise = torch.randint(2, VOCAB, (n, SEQ_LEN), generator=g)
+        self.input_ids = torch.where(torch.rand(n, SEQ_LEN, generator=g) < 0.7, signal, noise)
+        self.input_ids[:, 0] = 1  # a CLS-like token
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        ids = self.input_ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.labels[i]}
+
+
+def loaders(train_cfg: TrainConfig, train_set, eval_set):
+    """Shuffled training loader and ordered evaluation loader."""
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=train_cfg.batch_size, shuffle=True)
+    eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=train_cfg.eval_batch_size)
+    return train_loader, eval_loader
+
+
+def accuracy(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
+    """The compute_metrics of these tests."""
+    return {"accuracy": float((predictions == references).mean()), "n": float(len(references))}
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    """Fast, exact defaults: fp32, jsonl only, no warmup."""
+    defaults = dict(
+        epochs=2, batch_size=8, eval_batch_size=8, lr=1e-2, warmup_ratio=0.0, mixed_precision="no",
+        trackers=["jsonl"], log_every=1,
+    )
+    return TrainConfig(**{**defaults, **overrides})
+
+
+def run(output_dir, train_cfg: TrainConfig, *, resume_from=None, n_train=64, n_eval=23, model=None, datasets=None,
+        **model_kw):
+    """Build accelerator, model (default tiny_model) and loaders (default TokenTask), train.
+
+    Returns (TrainResult, model, accelerator)."""
+    accelerator = build_accelerator(train_cfg, output_dir)
+    model = model if model is not None else tiny_model(**model_kw)
+    train_set, eval_set = datasets or (TokenTask(n_train, seed=1), TokenTask(n_eval, seed=2))
+    train_loader, eval_loader = loaders(train_cfg, train_set, eval_set)
+    # One thread: these matrices are tiny, and on a busy shared CPU OpenMP threads waiting on each other stall runs 10x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train(
+            model, accelerator=accelerator, train_cfg=train_cfg, train_loader=train_loader, eval_loader=eval_loader,
+            compute_metrics=accuracy, output_dir=output_dir, resume_from=resume_from,
+        )
+    finally:
+        torch.set_num_threads(threads)
+        accelerator.end_training()
+    return result, model, accelerator
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide singletons so each in-process run starts clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=64)
+    parser.add_argument("--n-eval", type=int, default=23)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--resume-from", default=None)
+    parser.add_argument("--sleep-per-step", type=float, default=0.0, help="slow training forwards down (kill tests)")
+    args = parser.parse_args(argv)
+
+    train_cfg = tiny_config(
+        batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+    )
+    model = tiny_model(dropout=args.dropout)
+    if args.sleep_per_step:
+        model.register_forward_pre_hook(lambda module, _: time.sleep(args.sleep_per_step) if module.training else None)
+    result, model, accelerator = run(
+        args.output_dir, train_cfg, resume_from=args.resume_from, n_train=args.n_train, n_eval=args.n_eval, model=model
+    )
+    if accelerator.is_main_process:
+        summary = {**asdict(result), "num_processes": accelerator.num_processes}
+        Path(args.output_dir, "result.json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
