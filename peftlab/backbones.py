@@ -107,7 +107,7 @@ def load_backbone(
     packaged = PACKAGED_BACKBONES.get(name)
     if packaged is not None and packaged.task != task:
         others = [n for n, p in PACKAGED_BACKBONES.items() if p.task == task]
-        raise PeftlabError(f"'{name}' is a {packaged.task} backbone; set task='{packaged.task}' "
+        raise PeftlabError(f"'{name}' is a backbone for {packaged.task} tasks; set task='{packaged.task}' "
                            f"or pick a {task} backbone ({', '.join(others)})")
     if packaged is not None and packaged.task == "image":
         _check_plain_options(name, quantization, num_hidden_layers)

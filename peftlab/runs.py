@@ -29,16 +29,40 @@ CONFIG_FILE = "config.yaml"
 TASK_FILE = "task.json"
 
 
-def prepare_output_dir(cfg: RecipeConfig) -> Path:
-    """Create `cfg.output_dir`; an existing non-empty one is refused unless resuming or `overwrite: true`."""
+def check_output_dir(cfg: RecipeConfig) -> Path:
+    """Refuse an existing non-empty `cfg.output_dir` unless resuming or `overwrite: true` (no side effects)."""
     output_dir = Path(cfg.output_dir)
-    state = PartialState()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise PeftlabError(f"output_dir {output_dir} is a file; choose a folder path")
     exists = output_dir.is_dir() and any(output_dir.iterdir())
     if exists and cfg.resume_from is None and not cfg.overwrite:
         raise PeftlabError(f"output_dir {output_dir} already holds a run; pass resume_from=latest to continue it, "
                            "overwrite=true to replace it, or another output_dir")
+    if cfg.resume_from is not None and not exists and not Path(cfg.resume_from).is_dir():
+        raise PeftlabError(f"resume_from={cfg.resume_from} but {output_dir} holds no run to resume; "
+                           "drop resume_from to start afresh")
+    return output_dir
+
+
+def check_before_loading(cfg: RecipeConfig) -> None:
+    """Everything about a run that can be rejected in milliseconds: output folder, precision, trackers."""
+    from peftlab.tracking import build_trackers
+    from peftlab.training import resolve_mixed_precision
+
+    check_output_dir(cfg)
+    resolve_mixed_precision(cfg.train.mixed_precision)
+    build_trackers(cfg.train.trackers, cfg.output_dir)  # side-effect free: trackers start later
+
+
+def prepare_output_dir(cfg: RecipeConfig) -> Path:
+    """Create `cfg.output_dir` (emptied first when `overwrite: true` and not resuming), once across processes.
+
+    Call it after everything that can fail on bad input, so a rejected run writes nothing.
+    """
+    output_dir = check_output_dir(cfg)
+    state = PartialState()
     if state.is_main_process:
-        if exists and cfg.overwrite and cfg.resume_from is None:
+        if output_dir.is_dir() and cfg.overwrite and cfg.resume_from is None:
             shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()

@@ -16,15 +16,14 @@ from peftlab.backbones import load_backbone
 from peftlab.config import RecipeConfig, run_cli
 from peftlab.data.text import load_text_dataset, make_text_dataloader, tokenize_dataset
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
-from peftlab.runs import prepare_output_dir, write_run_outputs
+from peftlab.runs import check_before_loading, prepare_output_dir, write_run_outputs
 from peftlab.training import build_accelerator, evaluate, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "minilm_lora_rotten_tomatoes.yaml"
 
 
 def main(cfg: RecipeConfig) -> dict:
-    output_dir = prepare_output_dir(cfg)
-    accelerator = build_accelerator(cfg.train, output_dir)
+    check_before_loading(cfg)  # output folder, precision, trackers: fail in milliseconds, not after loading
 
     # Data: train/validation/test with `text` and `label`, tokenized without padding (batches pad dynamically).
     data = load_text_dataset(
@@ -43,6 +42,10 @@ def main(cfg: RecipeConfig) -> dict:
     model = apply_strategy(backbone.model, cfg.strategy, head_modules=cfg.model.head_modules,
                            pooling=cfg.model.pooling, **cfg.strategy_options.get(cfg.strategy, {}))
     counts = count_parameters(model)
+
+    # Inputs are valid: only now create the output folder and the accelerator (which starts the trackers).
+    output_dir = prepare_output_dir(cfg)
+    accelerator = build_accelerator(cfg.train, output_dir)
     accelerator.print(f"{cfg.strategy} on {cfg.model.name}: {counts}")
 
     with accelerator.main_process_first():

@@ -59,9 +59,10 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in targets if not any(_suffix_matches(n, t) for n in names)]
     if missing:
+        layers = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
         raise PeftlabError(
             f"LoRA target_modules {missing} match no module of {type(model).__name__}; "
-            f"e.g. {sorted({n.rsplit('.', 1)[-1] for n in names if n})[:12]}"
+            f"its linear/conv layers are named {layers[:16]}"
         )
 
 
