@@ -225,7 +225,7 @@ def test_missing_bitsandbytes_says_how_to_install(monkeypatch):
 
 
 def test_packaged_task_mismatch_and_bad_labels():
-    with pytest.raises(PeftlabError, match="is a text backbone"):
+    with pytest.raises(PeftlabError, match="is a backbone for text tasks"):
         load_backbone("minilm", task="image", num_labels=2)
     with pytest.raises(PeftlabError, match="one name per label"):
         load_backbone("minilm", task="text", num_labels=2, label_names=["a"])
