@@ -94,6 +94,7 @@ def load_backbone(
     skip_modules: Optional[Sequence[str]] = None,
     trust_remote_code: bool = False,
     num_hidden_layers: Optional[int] = None,
+    dropout: Optional[float] = None,
 ) -> Backbone:
     """Load a packaged backbone, local folder or Hub id with a new `num_labels`-way classification head.
 
@@ -102,7 +103,27 @@ def load_backbone(
         quantization: "8bit" or "4bit" loads the frozen weights through bitsandbytes (transformers models only).
         skip_modules: modules kept in full precision when quantizing; default: the task head (`find_head`).
         num_hidden_layers: keep only the first N layers of a transformers backbone (fast smoke runs).
+        dropout: set the probability of every dropout layer of the model (None keeps the model's own).
     """
+    backbone = _load(name, task=task, num_labels=num_labels, label_names=label_names, quantization=quantization,
+                     skip_modules=skip_modules, trust_remote_code=trust_remote_code,
+                     num_hidden_layers=num_hidden_layers)
+    if dropout is not None:
+        set_dropout(backbone.model, dropout)
+    return backbone
+
+
+def set_dropout(model: nn.Module, probability: float) -> None:
+    """Set p of every nn.Dropout in the model: one knob for any architecture (config names differ per model)."""
+    if not 0 <= probability < 1:
+        raise PeftlabError(f"dropout must be in [0, 1), got {probability}")
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = probability
+
+
+def _load(name: str, *, task: Task, num_labels: int, label_names: Optional[Sequence[str]], quantization: Quantization,
+          skip_modules: Optional[Sequence[str]], trust_remote_code: bool, num_hidden_layers: Optional[int]) -> Backbone:
     _check_arguments(task, num_labels, label_names, quantization)
     packaged = PACKAGED_BACKBONES.get(name)
     if packaged is not None and packaged.task != task:

@@ -35,6 +35,8 @@ class ModelConfig:
     """Run model code from the Hub repository. Off unless you trust its author."""
     num_hidden_layers: Optional[int] = None
     """Keep only the first N layers of a text backbone (fast smoke runs)."""
+    dropout: Optional[float] = None
+    """Probability of every dropout layer of the backbone; unset keeps the model's own (0.1 for BERT-like models)."""
     pooling: Literal["cls", "mean"] = "cls"
     """What the head of a text encoder sees: `cls` (the model's own first-token/pooler features) or `mean`
     (masked mean of the last hidden states; what sentence encoders such as MiniLM were trained for)."""
@@ -178,7 +180,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
 }
 _RANGES: dict[type, dict[str, str]] = {
-    ModelConfig: {"num_hidden_layers": "positive"},
+    ModelConfig: {"num_hidden_layers": "positive", "dropout": "fraction"},
     DataConfig: {
         "max_length": "positive", "image_size": "positive", "validation_fraction": "fraction",
         "test_fraction": "fraction", "max_train_samples": "positive", "max_eval_samples": "positive",

@@ -38,6 +38,7 @@ def main(cfg: RecipeConfig) -> dict:
         cfg.model.name, task="text", num_labels=data.num_labels, label_names=data.label_names,
         quantization=cfg.model.quantization, skip_modules=cfg.model.head_modules,
         trust_remote_code=cfg.model.trust_remote_code, num_hidden_layers=cfg.model.num_hidden_layers,
+        dropout=cfg.model.dropout,
     )
     model = apply_strategy(backbone.model, cfg.strategy, head_modules=cfg.model.head_modules,
                            pooling=cfg.model.pooling, **cfg.strategy_options.get(cfg.strategy, {}))

@@ -87,3 +87,19 @@ def test_predict_cli(tmp_path):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["input"] for line in lines] == ["great", "awful"]
     assert all(line["label"] in ("rotten", "fresh") and 0.5 <= line["score"] <= 1 for line in lines)
+
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_quantized_lora_run(tmp_path, bits):
+    metrics, run = run_main(tmp_path, f"model.quantization={bits}", "model.dropout=0.0")
+    assert 0 <= metrics["test"]["accuracy"] <= 1
+    # Only the adapter and the head are saved: a few KB, not the quantized base.
+    assert (run / "model" / "adapter_model.safetensors").stat().st_size < 200_000
+
+
+def test_dropout_override_reaches_every_dropout_layer():
+    from peftlab.backbones import load_backbone
+
+    model = load_backbone("minilm", task="text", num_labels=2, num_hidden_layers=1, dropout=0.0).model
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0.0 for m in dropouts)
