@@ -66,3 +66,30 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     for got, want in zip(resumed["history"], reference.history, strict=True):
         assert got == pytest.approx(want, abs=1e-6)
     assert resumed["best_metrics"] == pytest.approx(reference.best_metrics, abs=1e-6)
+
+
+def test_sigkill_during_checkpoint_save_leaves_the_previous_one_loadable(tmp_path):
+    run_dir = tmp_path / "killed"
+    process = start(run_dir, "--stall-save-at", "6")
+    stalled = run_dir / "checkpoints" / ".tmp-step-6" / "STALLED"
+    try:
+        deadline = time.monotonic() + 120
+        while not stalled.exists():
+            assert process.poll() is None, run_dir.with_suffix(".log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the save of step 6 never started"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)  # mid-write: weights of step 6 on disk, optimizer state not
+    finally:
+        process.kill()
+        process.wait()
+    assert (run_dir / "checkpoints" / ".tmp-step-6" / "trainable.safetensors").exists()
+    assert latest_checkpoint(run_dir).name == "step-3"
+    progress = json.loads((latest_checkpoint(run_dir) / "progress.json").read_text())
+    assert progress["global_step"] == 3
+
+    resumed = finish(start(run_dir, "--resume-from", "latest"), run_dir)
+    reset_accelerate()
+    reference, _, _ = run(tmp_path / "reference", tiny_config(epochs=3, checkpoint_every=3))
+    reset_accelerate()
+    assert resumed["best_metrics"] == pytest.approx(reference.best_metrics, abs=1e-6)
+    assert not (run_dir / "checkpoints" / ".tmp-step-6").exists()  # the half-written save was cleared

@@ -113,6 +113,21 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
+def stall_checkpoint_save(step: int) -> None:
+    """Make the save of checkpoint `step` hang half-written (weights on disk, optimizer not yet), to be killed there."""
+    from peftlab import checkpointing
+
+    real_save = checkpointing._save_torch
+
+    def stalling_save(obj, path):
+        if path.parent.name == f".tmp-step-{step}" and path.name == "optimizer.pt":
+            Path(path.parent, "STALLED").write_text("")
+            time.sleep(600)
+        real_save(obj, path)
+
+    checkpointing._save_torch = stalling_save
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", required=True)
@@ -126,7 +141,11 @@ def main(argv=None) -> None:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--resume-from", default=None)
     parser.add_argument("--sleep-per-step", type=float, default=0.0, help="slow training forwards down (kill tests)")
+    parser.add_argument("--stall-save-at", type=int, default=None,
+                        help="hang inside the checkpoint save of this step, after its weights are written (kill tests)")
     args = parser.parse_args(argv)
+    if args.stall_save_at is not None:
+        stall_checkpoint_save(args.stall_save_at)
 
     train_cfg = tiny_config(
         batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
