@@ -142,14 +142,27 @@ def package_file(package: str, *parts: str, install: str) -> Path:
     return Path(spec.submodule_search_locations[0], *parts)
 
 
+class ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickle numpy arrays and nothing else: a pickle that names any other callable is refused, not run."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data pickle")
+        return super().find_class(module, name)
+
+
 @functools.lru_cache(maxsize=1)
 def _animal_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     """Animal-MNIST's 10,000 28x28 uint8 silhouettes and label ids, minus 284 exact duplicate images."""
     folder = package_file("animal_mnist", "data", "Animal_MNIST", install="--no-deps animal-mnist==0.4")
     with gzip.open(folder / "animal_data_version_3.gz") as file:
-        images = pickle.load(file)
+        images = ArraysOnlyUnpickler(file).load()
     with gzip.open(folder / "animal_label_version_3.gz") as file:
-        labels = pickle.load(file)
+        labels = ArraysOnlyUnpickler(file).load()
     # 284 images appear twice (188 of them birds, never under two labels); a copy on each side of a split leaks the
     # test set into training, so keep the first of each: 9,716 images.
     _, first = np.unique(images.reshape(len(images), -1), axis=0, return_index=True)
