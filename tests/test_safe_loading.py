@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import os
 import pickle
@@ -32,11 +33,18 @@ def test_data_pickles_load_arrays_but_refuse_code():
         ArraysOnlyUnpickler(io.BytesIO(pickle.dumps(RunsCode()))).load()
 
 
+def torch_load_calls(path: Path) -> list[ast.Call]:
+    return [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"]
+
+
 def test_every_torch_load_is_weights_only():
-    calls = [(path.name, line) for path in PACKAGE.rglob("*.py") for line in path.read_text().splitlines()
-             if re.search(r"\btorch\.load\(", line)]
+    calls = [(path.name, call) for path in PACKAGE.rglob("*.py") for call in torch_load_calls(path)]
     assert calls, "expected torch.load calls in checkpointing"
-    assert all("weights_only=True" in line for _, line in calls), calls
+    for name, call in calls:
+        weights_only = [k.value for k in call.keywords if k.arg == "weights_only"]
+        assert weights_only and isinstance(weights_only[0], ast.Constant) and weights_only[0].value is True, name
     assert not [p for p in PACKAGE.rglob("*.py") if re.search(r"\bpickle\.load\(", p.read_text())]
 
 
