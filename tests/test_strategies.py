@@ -241,3 +241,53 @@ def test_registry_accepts_a_new_strategy():
 def test_clear_errors(call, message):
     with pytest.raises(PeftlabError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         call()
+
+
+def tiny_other(kind: str):
+    """Tiny ELECTRA, ConvNeXt and ResNet classifiers: architectures whose LoRA targets are found by name or by shape."""
+    from transformers import (ConvNextConfig, ConvNextForImageClassification, ElectraConfig,
+                              ElectraForSequenceClassification, ResNetConfig, ResNetForImageClassification)
+
+    torch.manual_seed(0)
+    if kind == "electra":
+        return ElectraForSequenceClassification(ElectraConfig(vocab_size=100, embedding_size=16, hidden_size=32,
+                                                              num_hidden_layers=2, num_attention_heads=2,
+                                                              intermediate_size=37, num_labels=3))
+    if kind == "convnext":
+        return ConvNextForImageClassification(ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                                             num_labels=3))
+    return ResNetForImageClassification(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16],
+                                                     depths=[1, 1], layer_type="bottleneck", num_labels=3))
+
+
+@pytest.mark.parametrize("kind,expected", [("electra", ["query", "value"]), ("convnext", ["pwconv1", "pwconv2"]),
+                                           ("resnet", None)])
+def test_lora_targets_found_for_more_architectures(kind, expected):
+    from peftlab.strategies.lora import find_lora_targets
+
+    model = tiny_other(kind).eval()
+    targets = find_lora_targets(model, ["classifier"])
+    if expected is not None:
+        assert targets == expected
+    else:  # a CNN: its 1x1 convolutions, by full name
+        modules = dict(model.named_modules())
+        assert targets and all(modules[t].kernel_size == (1, 1) for t in targets)
+    inputs = ({"input_ids": torch.randint(0, 100, (2, 5))} if kind == "electra"
+              else {"pixel_values": torch.randn(2, 3, 32, 32)})
+    with torch.no_grad():
+        before = model(**inputs).logits
+        adapted = apply_strategy(model, "lora", r=2)
+        torch.testing.assert_close(adapted(**inputs).logits, before, atol=1e-6, rtol=0)
+    assert any(".lora_A." in n for n, p in adapted.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("flag,marker", [("use_dora", "lora_magnitude_vector"), ("use_rslora", None)])
+def test_dora_and_rslora_pass_through_to_peft(flag, marker):
+    model = apply_strategy(build("bert"), "lora", r=4, alpha=8, **{flag: True})
+    config = model.peft_config["default"]
+    assert getattr(config, flag) is True
+    if marker:
+        assert any(marker in n for n, _ in model.named_parameters())
+    else:  # rsLoRA scales by alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)
+        layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+        assert layer.scaling["default"] == pytest.approx(8 / 4 ** 0.5)
