@@ -103,3 +103,17 @@ def test_dropout_override_reaches_every_dropout_layer():
     model = load_backbone("minilm", task="text", num_labels=2, num_hidden_layers=1, dropout=0.0).model
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(m.p == 0.0 for m in dropouts)
+
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_quantized_parameter_count_matches_full_precision(bits):
+    from peftlab import apply_strategy, count_parameters
+    from peftlab.backbones import load_backbone
+
+    def lora_count(quantization):
+        model = load_backbone("minilm", task="text", num_labels=2, num_hidden_layers=1, quantization=quantization).model
+        return count_parameters(apply_strategy(model, "lora", r=8))
+
+    full, quantized = lora_count(None), lora_count(bits)
+    # bitsandbytes packs two 4-bit values per byte; the count must still be of logical weights.
+    assert quantized.total == full.total and quantized.trainable == full.trainable
