@@ -69,6 +69,27 @@ def prepare_output_dir(cfg: RecipeConfig) -> Path:
     return output_dir
 
 
+def test_and_save(cfg: RecipeConfig, task: str, *, accelerator, model, result, test_loader, label_names: list[str],
+                  counts: ParameterCount, preprocessor, output_dir: Path) -> dict[str, Any]:
+    """Score the best weights once on the test split, then write the run's outputs; returns metrics.json's content."""
+    from peftlab.metrics import compute_classification_metrics
+    from peftlab.training import evaluate
+
+    _, predictions, references = evaluate(model, accelerator.prepare(test_loader), accelerator, lambda p, r: {})
+    test_metrics = compute_classification_metrics(predictions, references, label_names)
+    metrics = {"validation": result.best_metrics, "test": test_metrics, "best_step": result.best_step,
+               "global_step": result.global_step, "stopped_early": result.stopped_early,
+               "train_time_s": result.train_time_s, "samples_per_s": result.samples_per_s,
+               "peak_memory_mb": result.peak_memory_mb}
+    accelerator.print(f"test accuracy {test_metrics['accuracy']:.4f}, macro-F1 {test_metrics['macro_f1']:.4f} "
+                      f"({result.train_time_s:.0f} s, {result.samples_per_s:.1f} samples/s)")
+    if accelerator.is_main_process:
+        write_run_outputs(output_dir, cfg, task, accelerator.unwrap_model(model), preprocessor, metrics, counts,
+                          label_names)
+    accelerator.end_training()
+    return metrics
+
+
 def write_run_outputs(output_dir: Path, cfg: RecipeConfig, task: str, model, preprocessor, metrics: dict[str, Any],
                       counts: ParameterCount, label_names: list[str]) -> None:
     """Save what trained (with its tokenizer or image settings), the config, metrics.json and a model card."""

@@ -16,8 +16,8 @@ from peftlab.backbones import load_backbone
 from peftlab.config import RecipeConfig, run_cli
 from peftlab.data.text import load_text_dataset, make_text_dataloader, tokenize_dataset
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
-from peftlab.runs import check_before_loading, prepare_output_dir, write_run_outputs
-from peftlab.training import build_accelerator, evaluate, train
+from peftlab.runs import check_before_loading, prepare_output_dir, test_and_save
+from peftlab.training import build_accelerator, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "minilm_lora_rotten_tomatoes.yaml"
 
@@ -64,21 +64,10 @@ def main(cfg: RecipeConfig) -> dict:
                    eval_loader=eval_loaders["validation"], compute_metrics=compute_metrics,
                    output_dir=output_dir, resume_from=cfg.resume_from)
 
-    # The model now holds the best validation weights; score them once on the test split.
-    test_loader = accelerator.prepare(eval_loaders["test"])
-    _, predictions, references = evaluate(model, test_loader, accelerator, compute_metrics)
-    test_metrics = compute_classification_metrics(predictions, references, data.label_names)
-    metrics = {"validation": result.best_metrics, "test": test_metrics, "best_step": result.best_step,
-               "global_step": result.global_step, "stopped_early": result.stopped_early,
-               "train_time_s": result.train_time_s, "samples_per_s": result.samples_per_s,
-               "peak_memory_mb": result.peak_memory_mb}
-    accelerator.print(f"test accuracy {test_metrics['accuracy']:.4f}, macro-F1 {test_metrics['macro_f1']:.4f} "
-                      f"({result.train_time_s:.0f} s, {result.samples_per_s:.1f} samples/s)")
-    if accelerator.is_main_process:
-        write_run_outputs(output_dir, cfg, "text", accelerator.unwrap_model(model), backbone.tokenizer, metrics,
-                          counts, data.label_names)
-    accelerator.end_training()
-    return metrics
+    # The model now holds the best validation weights: score them once on the test split and save.
+    return test_and_save(cfg, "text", accelerator=accelerator, model=model, result=result,
+                         test_loader=eval_loaders["test"], label_names=data.label_names, counts=counts,
+                         preprocessor=backbone.tokenizer, output_dir=output_dir)
 
 
 if __name__ == "__main__":
