@@ -99,9 +99,17 @@ def read_image_folder(folder: Path) -> dict[str, datasets.Dataset]:
     subfolders = sorted(entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     split_folders = {SPLIT_ALIASES[entry.name.lower()]: entry for entry in subfolders
                      if entry.name.lower() in SPLIT_ALIASES}
-    if "train" in split_folders:
-        return {split_name: read_class_folders(split_folder) for split_name, split_folder in split_folders.items()}
-    return {"train": read_class_folders(folder)}
+    if "train" not in split_folders:
+        return {"train": read_class_folders(folder)}
+    splits = {split_name: read_class_folders(split_folder) for split_name, split_folder in split_folders.items()}
+    # The class list is train's class folders: a class only an evaluation split has could never be learned.
+    classes = set(splits["train"]["label"])
+    for split_name, split in splits.items():
+        extra = sorted(set(split["label"]) - classes)
+        if extra:
+            raise PeftlabError(f"{split_name} folder {str(split_folders[split_name])!r} has class folder(s) {extra} "
+                               f"not in the train folder's classes {sorted(classes)}; add them to train or remove them")
+    return splits
 
 
 def read_class_folders(folder: Path) -> datasets.Dataset:

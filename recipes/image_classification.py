@@ -1,0 +1,110 @@
+"""Fine-tune an image classifier with any peftlab strategy.
+
+Default (no arguments): LoRA on the packaged EfficientNet-Lite0 over the packaged Animal-MNIST silhouettes, offline.
+    accelerate launch recipes/image_classification.py
+    accelerate launch recipes/image_classification.py strategy=full        # or head, partial, bitfit, adapter
+    accelerate launch recipes/image_classification.py \
+        --config recipes/configs/efficientnet_lite0_lora_animal_mnist_cats_dogs.yaml
+    python recipes/image_classification.py data.name=path/to/folder       # folder/<class>/<image>, or train/, test/
+    python recipes/image_classification.py model.name=google/vit-base-patch16-224 data.image_size=224   # online
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from torch import nn
+
+from peftlab import PeftlabError, apply_strategy, count_parameters
+from peftlab.backbones import Backbone, load_backbone
+from peftlab.caching import frozen_feature_cache
+from peftlab.config import RecipeConfig, run_cli
+from peftlab.data.image import load_image_dataset, make_image_dataloader
+from peftlab.data.transforms import build_image_transform
+from peftlab.metrics import compute_classification_metrics, scalar_metrics
+from peftlab.runs import check_before_loading, prepare_output_dir, test_and_save
+from peftlab.training import build_accelerator, train
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "efficientnet_lite0_lora_animal_mnist.yaml"
+
+
+def main(cfg: RecipeConfig) -> dict:
+    check_before_loading(cfg)  # output folder, precision, trackers: fail in milliseconds, not after loading
+
+    # Data: train/validation/test with `image` (RGB PIL, any size) and `label`; images are decoded per batch.
+    data = load_image_dataset(
+        cfg.data.name, label_column=cfg.data.label_column,
+        validation_fraction=cfg.data.validation_fraction, test_fraction=cfg.data.test_fraction,
+        split_seed=cfg.data.split_seed, max_train_samples=cfg.data.max_train_samples,
+        max_eval_samples=cfg.data.max_eval_samples,
+    )
+
+    # Backbone with a new head, then the strategy decides what trains. Seeded first: the new head and LoRA's A
+    # matrices draw their initial values from the global RNG (train() reseeds only later, for shuffling and dropout).
+    set_seed(cfg.train.seed)
+    backbone = load_backbone(
+        cfg.model.name, task="image", num_labels=data.num_labels, label_names=data.label_names,
+        quantization=cfg.model.quantization, skip_modules=cfg.model.head_modules,
+        trust_remote_code=cfg.model.trust_remote_code, num_hidden_layers=cfg.model.num_hidden_layers,
+        dropout=cfg.model.dropout,
+    )
+    check_image_size(backbone, cfg.data.image_size)
+    model = apply_strategy(backbone.model, cfg.strategy, head_modules=cfg.model.head_modules,
+                           pooling=cfg.model.pooling, **cfg.strategy_options.get(cfg.strategy, {}))
+    counts = count_parameters(model)
+
+    # Inputs are valid: only now create the output folder and the accelerator (which starts the trackers).
+    output_dir = prepare_output_dir(cfg)
+    accelerator = build_accelerator(cfg.train, output_dir)
+    accelerator.print(f"{cfg.strategy} on {cfg.model.name} at {cfg.data.image_size} px "
+                      f"(native {backbone.image_size}): {counts}")
+
+    # Every image is resized to data.image_size and normalised with the backbone's own statistics;
+    # only training images are augmented (random resized crop, flip, small rotation) when data.augment is on.
+    def transform(train_split: bool):
+        return build_image_transform(cfg.data.image_size, backbone.image_mean, backbone.image_std,
+                                     train=train_split, augment=cfg.data.augment, seed=cfg.train.seed)
+
+    train_loader = make_image_dataloader(data.splits["train"], transform(True), cfg.train.batch_size,
+                                         shuffle=True, seed=cfg.train.seed)
+    eval_loaders = {split: make_image_dataloader(data.splits[split], transform(False), cfg.train.eval_batch_size,
+                                                 shuffle=False, seed=cfg.train.seed)
+                    for split in ("validation", "test")}
+
+    def compute_metrics(predictions, references):
+        return scalar_metrics(compute_classification_metrics(predictions, references, data.label_names))
+
+    # Strategy `head` without augmentation: the frozen backbone runs once, the head trains on cached features.
+    loaders = {"train": train_loader, "validation": eval_loaders["validation"]}
+    with frozen_feature_cache(model, loaders, accelerator, enabled=cfg.train.cache_frozen_features,
+                              fixed_inputs=not cfg.data.augment) as loaders:
+        result = train(model, accelerator=accelerator, train_cfg=cfg.train, train_loader=loaders["train"],
+                       eval_loader=loaders["validation"], compute_metrics=compute_metrics,
+                       output_dir=output_dir, resume_from=cfg.resume_from)
+
+    # The model now holds the best validation weights: score them once on the test split and save. No preprocessor
+    # is saved: `predict` rebuilds the eval transform from config.yaml and the backbone's image statistics.
+    return test_and_save(cfg, "image", accelerator=accelerator, model=model, result=result,
+                         test_loader=eval_loaders["test"], label_names=data.label_names, counts=counts,
+                         preprocessor=None, output_dir=output_dir)
+
+
+def check_image_size(backbone: Backbone, image_size: int) -> None:
+    """Run one blank image through the model, so one that takes only its native size (ViT) fails now, in one line."""
+    model: nn.Module = backbone.model
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(pixel_values=torch.zeros(1, 3, image_size, image_size))
+    except (ValueError, RuntimeError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PeftlabError(f"{backbone.name} cannot take {image_size} px images ({message}); "
+                           f"set data.image_size={backbone.image_size or 'its native size'}") from err
+    finally:
+        model.train(was_training)
+
+
+if __name__ == "__main__":
+    run_cli(main, default_config=str(DEFAULT_CONFIG))
