@@ -112,6 +112,12 @@ class TrainConfig:
     """Where metrics are logged (tracker names)."""
     group_by_length: bool = True
     """Batch texts of similar length together so dynamic padding wastes little."""
+    cache_frozen_features: bool = True
+    """Strategy `head` only: run the frozen backbone once (eval mode, no grad, bf16 autocast where enabled) and train
+    the head on its cached outputs instead of running the backbone every epoch (see peftlab.caching). The frozen
+    backbone then applies no dropout or stochastic depth (the head's own dropout still does); images with
+    data.augment=true are not cached (random crops change every epoch) and say so in one line. The saved model is
+    the usual one."""
 
 
 @dataclass

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from accelerate.utils import set_seed
+
 from peftlab import apply_strategy, count_parameters
 from peftlab.backbones import load_backbone
+from peftlab.caching import frozen_feature_cache
 from peftlab.config import RecipeConfig, run_cli
 from peftlab.data.text import load_text_dataset, make_text_dataloader, tokenize_dataset
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
@@ -33,7 +36,9 @@ def main(cfg: RecipeConfig) -> dict:
         max_eval_samples=cfg.data.max_eval_samples,
     )
 
-    # Backbone with a new head, then the strategy decides what trains.
+    # Backbone with a new head, then the strategy decides what trains. Seeded first: the new head (and LoRA's A
+    # matrices) draw their initial values from the global RNG (train() reseeds only later, for shuffling and dropout).
+    set_seed(cfg.train.seed)
     backbone = load_backbone(
         cfg.model.name, task="text", num_labels=data.num_labels, label_names=data.label_names,
         quantization=cfg.model.quantization, skip_modules=cfg.model.head_modules,
@@ -60,9 +65,12 @@ def main(cfg: RecipeConfig) -> dict:
     def compute_metrics(predictions, references):
         return scalar_metrics(compute_classification_metrics(predictions, references, data.label_names))
 
-    result = train(model, accelerator=accelerator, train_cfg=cfg.train, train_loader=train_loader,
-                   eval_loader=eval_loaders["validation"], compute_metrics=compute_metrics,
-                   output_dir=output_dir, resume_from=cfg.resume_from)
+    # Strategy `head`: the frozen backbone runs once and the head trains on its cached features (peftlab.caching).
+    loaders = {"train": train_loader, "validation": eval_loaders["validation"]}
+    with frozen_feature_cache(model, loaders, accelerator, enabled=cfg.train.cache_frozen_features) as loaders:
+        result = train(model, accelerator=accelerator, train_cfg=cfg.train, train_loader=loaders["train"],
+                       eval_loader=loaders["validation"], compute_metrics=compute_metrics,
+                       output_dir=output_dir, resume_from=cfg.resume_from)
 
     # The model now holds the best validation weights: score them once on the test split and save.
     return test_and_save(cfg, "text", accelerator=accelerator, model=model, result=result,

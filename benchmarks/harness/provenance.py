@@ -1,0 +1,141 @@
+"""What a benchmark record holds besides metrics: package versions, the git commit, a hash of the data, file sizes."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from harness.grid import REPO_ROOT
+
+PACKAGES = ("peftlab", "torch", "transformers", "peft", "accelerate", "datasets")
+
+
+@functools.cache
+def environment() -> dict:
+    """Python, platform, device and the versions of the packages a result depends on."""
+    import torch
+
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    if torch.cuda.is_available():
+        device = f"cuda: {torch.cuda.get_device_name(0)}"
+    else:
+        device = f"cpu: {_cpu_model()}, {os.cpu_count()} cores"
+    return {"python": platform.python_version(), "platform": platform.platform(), "device": device,
+            "versions": versions}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+@functools.cache
+def git_state() -> dict:
+    """The commit the code ran from, and whether tracked files differed from it (`dirty`)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"sha": sha, "dirty": None if status is None else bool(status)}
+
+
+def source_fingerprint(recipe: str) -> str:
+    """sha256 over the paths and bytes of the code a cell of `recipe` runs, as it is right now: the peftlab package,
+    the recipe script and the recipe configs (other recipes are left out, so editing them changes nothing here).
+
+    With uncommitted changes the commit SHA alone does not say which code produced a number; this does.
+    """
+    patterns = ("peftlab/**/*.py", "peftlab/**/*.json", f"recipes/{recipe}.py", "recipes/configs/**/*.yaml")
+    files = sorted({p for pattern in patterns for p in REPO_ROOT.glob(pattern) if "__pycache__" not in p.parts})
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(REPO_ROOT).as_posix()}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of all files under `path` (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# Which loader rebuilds a recipe's splits from the resolved `data` section (the same call the recipe makes).
+def _load_splits(recipe: str, data: dict):
+    common = dict(validation_fraction=data["validation_fraction"], test_fraction=data["test_fraction"],
+                  split_seed=data["split_seed"], max_train_samples=data["max_train_samples"],
+                  max_eval_samples=data["max_eval_samples"])
+    if recipe == "text_classification":
+        from peftlab.data.text import load_text_dataset
+
+        return load_text_dataset(data["name"], text_column=data["text_column"], label_column=data["label_column"],
+                                 **common).splits
+    if recipe == "image_classification":
+        from peftlab.data.image import load_image_dataset
+
+        return load_image_dataset(data["name"], label_column=data["label_column"], **common).splits
+    return None
+
+
+def data_fingerprint(recipe: str, data: dict) -> dict | None:
+    """sha256 of the exact train/validation/test examples a run used, independent of their order.
+
+    Each example hashes to sha256(label, text or image pixels); a split hashes its sorted example hashes, and the
+    data hash covers the split names and hashes. Two runs with the same hash saw the same examples in each split.
+    Args:
+        recipe: the recipe name (picks the text or image loader; None for recipes it does not know).
+        data: the run's resolved `data` config section (from its config.yaml).
+    """
+    key = json.dumps([recipe, data], sort_keys=True)
+    return _fingerprint_cached(key)
+
+
+@functools.lru_cache(maxsize=8)  # one grid task = one data config: hash it once per runner process
+def _fingerprint_cached(key: str) -> dict | None:
+    recipe, data = json.loads(key)
+    splits = _load_splits(recipe, data)
+    return None if splits is None else splits_fingerprint(splits)
+
+
+def splits_fingerprint(splits) -> dict:
+    """The data hash of {split name: dataset with `label` and `text` or `image`}, and each split's size."""
+    total, rows = hashlib.sha256(), {}
+    for name in sorted(splits):
+        split = splits[name]
+        content_column = "text" if "text" in split.column_names else "image"
+        digests = sorted(_example_digest(content, label)
+                         for content, label in zip(split[content_column], split["label"]))
+        total.update(f"{name}:{hashlib.sha256(b''.join(digests)).hexdigest()}\n".encode())
+        rows[name] = len(digests)
+    return {"sha256": total.hexdigest(), "rows": rows,
+            "rule": "per split: sha256 of the sorted sha256(label, text or image pixels) of its examples"}
+
+
+def _example_digest(content, label) -> bytes:
+    digest = hashlib.sha256(f"{label}\0".encode())
+    if isinstance(content, str):
+        digest.update(content.encode())
+    else:  # a PIL image: its mode, size and pixels, not the file encoding
+        digest.update(f"{content.mode}{content.size}".encode())
+        digest.update(content.tobytes())
+    return digest.digest()

@@ -1,0 +1,350 @@
+"""Tables and plots rendered from a grid's JSON records alone (never edited by hand).
+
+Table layout follows the LoRA paper (Hu et al. 2021, Table 2): one row per method with its trainable parameters,
+one column per task, then the average; each entry is mean ± std over seeds, in percent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shlex
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.grid import REPO_ROOT
+from peftlab.errors import PeftlabError
+
+SPLITS = ("test", "validation")
+METRICS = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
+
+
+def load_records(results_dir: Path) -> list[dict]:
+    """Every cell record in `results_dir` (`*.json` with a `cell` and a `status`)."""
+    records = []
+    for path in sorted(Path(results_dir).glob("*.json")):
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and {"cell", "status"} <= set(record):
+            records.append(record)
+    if not records:
+        raise PeftlabError(f"no cell records (*.json) in {results_dir}; run the grid first: "
+                           "python benchmarks/run.py benchmarks/grids/<grid>.yaml")
+    return records
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation of one metric over seeds (std 0 for a single seed)."""
+
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if self.n > 1 else 0.0
+
+
+@dataclass
+class Row:
+    """One (backbone, strategy) row: its finished records per task, in grid order."""
+
+    backbone: str
+    strategy: str
+    by_task: dict[str, list[dict]] = field(default_factory=dict)
+
+    @property
+    def records(self) -> list[dict]:
+        return [r for records in self.by_task.values() for r in records]
+
+    def stat(self, task: str, split: str, metric: str) -> Stat | None:
+        """The metric (in percent) over this row's seeds on `task`, or None when no seed finished."""
+        values = [100 * r["metrics"][split][metric] for r in self.by_task.get(task, [])]
+        return Stat(values) if values else None
+
+    def average(self, tasks: list[str], split: str, metric: str) -> float | None:
+        """Mean over tasks of the per-task means (None unless every task has a result)."""
+        stats = [self.stat(task, split, metric) for task in tasks]
+        return None if any(s is None for s in stats) else statistics.fmean(s.mean for s in stats)
+
+    def spread(self, tasks: list[str], split: str, metric: str) -> float:
+        """Mean over tasks of the per-task std over seeds (the plot's error bar)."""
+        stats = [s for s in (self.stat(task, split, metric) for task in tasks) if s is not None]
+        return statistics.fmean(s.std for s in stats) if stats else 0.0
+
+    def parameter(self, key: str) -> list[int | float]:
+        """Distinct values of one parameter count over this row's records (more than one if heads differ)."""
+        return sorted({r["parameters"][key] for r in self.records})
+
+    def cost(self, key: str) -> float:
+        """Mean of a cost field (train_time_s, samples_per_s, peak_memory_mb, model_size_bytes) over records."""
+        return statistics.fmean(r[key] for r in self.records)
+
+
+@dataclass
+class Summary:
+    grid: str
+    grid_file: str
+    tasks: list[str]
+    rows: list[Row]
+    failed: list[dict]
+    records: list[dict]
+    commands: list[str] = field(default_factory=list)
+    """The runner and report commands that reproduce the tables (set by `render`)."""
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({r["seed"] for r in self.records})
+
+
+def summarize(records: list[dict]) -> Summary:
+    """Group finished records into (backbone, strategy) rows and task columns, keeping the grid's order."""
+    records = sorted(records, key=lambda r: (r["position"]["backbone"], r["position"]["strategy"],
+                                             r["position"]["task"], r["seed"]))
+    finished = [r for r in records if r["status"] == "ok"]
+    tasks = list(dict.fromkeys(r["task"] for r in sorted(records, key=lambda r: r["position"]["task"])))
+    rows: dict[tuple[str, str], Row] = {}
+    for record in finished:
+        row = rows.setdefault((record["backbone"], record["strategy"]), Row(record["backbone"], record["strategy"]))
+        row.by_task.setdefault(record["task"], []).append(record)
+    grids = sorted({r["grid"] for r in records})
+    if len(grids) > 1:
+        raise PeftlabError(f"the records come from several grids ({', '.join(grids)}); render one grid's folder")
+    return Summary(grid=grids[0], grid_file=records[0].get("grid_file", ""), tasks=tasks, rows=list(rows.values()),
+                   failed=[r for r in records if r["status"] != "ok"], records=records)
+
+
+def human_count(n: float) -> str:
+    """22,713,216 -> 22.7M, 73,728 -> 73.7k, 770 -> 770."""
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}k"
+    return f"{n:g}"
+
+
+def _counts(values: list, fmt) -> str:
+    return fmt(values[0]) if len(values) == 1 else f"{fmt(values[0])}–{fmt(values[-1])}"
+
+
+def _percent(p: float) -> str:
+    return f"{p:.3g}%" if p < 100 else "100%"
+
+
+def results_table(summary: Summary, split: str = "test", metric: str = "accuracy") -> str:
+    """The LoRA-paper-style Markdown table: method, trainable parameters, one column per task (+ average)."""
+    multi_backbone = len({row.backbone for row in summary.rows}) > 1
+    multi_task = len(summary.tasks) > 1
+    expected = len(summary.seeds)
+    header = (["Backbone"] if multi_backbone else []) + [
+        "Method", "# Trainable params (w/o head)", "with head", "% of all"] + summary.tasks + (
+        ["Avg."] if multi_task else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * (2 if multi_backbone else 1)
+                                                            + ["---:"] * (len(header) - (2 if multi_backbone else 1))) + "|"]
+    for row in summary.rows:
+        cells = [row.backbone] if multi_backbone else []
+        cells += [row.strategy, _counts(row.parameter("trainable_without_head"), human_count),
+                  _counts(row.parameter("trainable"), human_count),
+                  _counts(row.parameter("trainable_percent"), _percent)]
+        for task in summary.tasks:
+            stat = row.stat(task, split, metric)
+            if stat is None:
+                cells.append("—")
+                continue
+            text = f"{stat.mean:.1f} ± {stat.std:.1f}" if stat.n > 1 else f"{stat.mean:.1f}"
+            cells.append(text + (f" (n={stat.n})" if stat.n < expected else ""))
+        if multi_task:
+            average = row.average(summary.tasks, split, metric)
+            cells.append("—" if average is None else f"{average:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cost_table(summary: Summary) -> str:
+    """What each method costs, averaged over its finished cells."""
+    lines = ["| Method | train time (s) | samples/s | wall time (s) | peak memory (MB) | saved `model/` |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in summary.rows:
+        name = f"{row.backbone} {row.strategy}" if len({r.backbone for r in summary.rows}) > 1 else row.strategy
+        lines.append(f"| {name} | {row.cost('train_time_s'):.0f} | {row.cost('samples_per_s'):.1f} | "
+                     f"{row.cost('wall_time_s'):.0f} | "
+                     f"{row.cost('peak_memory_mb'):.0f} | {row.cost('model_size_bytes') / 2**20:.2f} MB |")
+    return "\n".join(lines)
+
+
+def provenance_line(summary: Summary) -> str:
+    """Where the numbers come from: record count, commits, package versions, device and data hashes."""
+    def distinct(getter) -> str:
+        return ", ".join(sorted({str(getter(r)) for r in summary.records if getter(r) is not None}))
+
+    finished = [r for r in summary.records if r["status"] == "ok"]
+    env_versions = distinct(lambda r: ", ".join(f"{k} {v}" for k, v in r["environment"]["versions"].items()))
+    commits = distinct(lambda r: (r["git"]["sha"] or "?")[:10] + (" (uncommitted changes)" if r["git"]["dirty"] else ""))
+    sources = {r["git"].get("source_sha256") for r in summary.records} - {None}
+    if sources:
+        commits += f", {len(sources)} distinct source tree{'s' if len(sources) > 1 else ''} (git.source_sha256)"
+    data = distinct(lambda r: f"{r['task']} {r['data']['sha256'][:12]}" if (r.get("data") or {}).get("sha256") else None)
+    precisions = distinct(lambda r: r.get("mixed_precision"))
+    return (f"{len(finished)} finished and {len(summary.failed)} failed cells; seeds {summary.seeds}; "
+            f"commit {commits}; {env_versions}; {distinct(lambda r: r['environment']['device'])}"
+            f"{f'; precision {precisions}' if precisions else ''}; data sha256 {data or 'n/a'}.")
+
+
+def failures_list(summary: Summary) -> str:
+    return "\n".join(f"- `{r['cell']}`: {r['error']}" for r in summary.failed)
+
+
+def write_csvs(summary: Summary, out_dir: Path) -> tuple[Path, Path]:
+    """`summary.csv` (one row per method and task, mean/std over seeds) and `cells.csv` (one row per record)."""
+    summary_path, cells_path = out_dir / "summary.csv", out_dir / "cells.csv"
+    with open(summary_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        stat_columns = [f"{split}_{metric}_{what}" for split in SPLITS for metric in METRICS for what in ("mean", "std")]
+        writer.writerow(["backbone", "strategy", "task", "seeds", *stat_columns, "trainable", "trainable_without_head",
+                         "trainable_percent", "total", "train_time_s", "samples_per_s", "peak_memory_mb",
+                         "model_size_bytes"])
+        for row in summary.rows:
+            for task, records in row.by_task.items():
+                stats = [row.stat(task, split, metric) for split in SPLITS for metric in METRICS]
+                params = records[0]["parameters"]
+                writer.writerow([row.backbone, row.strategy, task, len(records),
+                                 *[f"{v:.4f}" for s in stats for v in (s.mean, s.std)],
+                                 params["trainable"], params["trainable_without_head"], params["trainable_percent"],
+                                 params["total"],
+                                 *[f"{statistics.fmean(r[k] for r in records):.2f}"
+                                   for k in ("train_time_s", "samples_per_s", "peak_memory_mb", "model_size_bytes")]])
+    with open(cells_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["cell", "status", "backbone", "strategy", "task", "seed", "test_accuracy", "test_macro_f1",
+                         "validation_accuracy", "validation_macro_f1", "trainable", "trainable_without_head",
+                         "train_time_s", "samples_per_s", "peak_memory_mb", "model_size_bytes", "wall_time_s",
+                         "data_sha256", "git_sha", "error"])
+        for r in summary.records:
+            ok = r["status"] == "ok"
+            metrics = [r["metrics"][s][m] for s in SPLITS for m in METRICS] if ok else [""] * 4
+            extra = ([r["parameters"]["trainable"], r["parameters"]["trainable_without_head"], r["train_time_s"],
+                      r["samples_per_s"], r["peak_memory_mb"], r["model_size_bytes"]] if ok else [""] * 6)
+            writer.writerow([r["cell"], r["status"], r["backbone"], r["strategy"], r["task"], r["seed"], *metrics,
+                             *extra, r["wall_time_s"], (r.get("data") or {}).get("sha256", ""), r["git"]["sha"],
+                             r.get("error", "")])
+    return summary_path, cells_path
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (parameters, score) points that no other point beats with as few or fewer parameters, by parameters."""
+    front, best = [], float("-inf")
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def plot(summary: Summary, path: Path, split: str = "test", metric: str = "accuracy") -> Path:
+    """Task-averaged metric against trainable parameters (with head, log x), one marker per method, Pareto front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = "osD^vP*Xph<>"
+    multi_backbone = len({row.backbone for row in summary.rows}) > 1
+    points = []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, row in enumerate(summary.rows):
+        y = row.average(summary.tasks, split, metric)
+        if y is None:
+            continue
+        x = statistics.fmean(row.parameter("trainable"))
+        label = f"{row.backbone} {row.strategy}" if multi_backbone else row.strategy
+        ax.errorbar(x, y, yerr=row.spread(summary.tasks, split, metric), fmt=markers[i % len(markers)],
+                    color=plt.cm.tab10(i % 10), markersize=8, capsize=3, label=label)
+        points.append((x, y))
+    front = pareto_front(points)
+    if len(front) > 1:
+        ax.step(*zip(*front), where="post", color="grey", linestyle="--", linewidth=1, zorder=0, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters, head included (log scale)")
+    seeds = f"mean ± std over {len(summary.seeds)} seeds" if len(summary.seeds) > 1 else "one seed"
+    tasks = summary.tasks[0] if len(summary.tasks) == 1 else f"average of {len(summary.tasks)} tasks"
+    ax.set_ylabel(f"{split} {METRICS[metric]} (%)")
+    ax.set_title(f"{summary.grid}: {tasks}, {seeds}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def render(results_dir: Path, out_dir: Path | None = None, *, split: str = "test", metric: str = "accuracy",
+           command: str = "") -> tuple[Summary, dict[str, Path]]:
+    """Write table.md, summary.csv, cells.csv and the plot for one grid's records into `out_dir` (default: there).
+
+    Args:
+        command: the report command line, printed under the tables so readers can reproduce them.
+    Returns the summary and the paths written (keys table, summary_csv, cells_csv, plot).
+    """
+    if split not in SPLITS or metric not in METRICS:
+        raise PeftlabError(f"split must be one of {SPLITS} and metric one of {tuple(METRICS)}")
+    out_dir = Path(out_dir or results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(load_records(results_dir))
+    paths = dict(zip(("summary_csv", "cells_csv"), write_csvs(summary, out_dir)))
+    paths["plot"] = plot(summary, out_dir / f"{metric}_vs_params.png", split, metric)
+    paths["table"] = out_dir / "table.md"
+    summary.commands = [run_command(summary, results_dir), command or f"python benchmarks/report.py {results_dir}"]
+    paths["table"].write_text(markdown_report(summary, split, metric, plot_link=paths["plot"].name))
+    return summary, paths
+
+
+def run_command(summary: Summary, results_dir: Path) -> str:
+    """The runner command that fills `results_dir` (with --results when that is not the grid's default folder)."""
+    default = REPO_ROOT / "benchmarks" / "results" / summary.grid
+    elsewhere = [] if Path(results_dir).resolve() == default.resolve() else ["--results", str(results_dir)]
+    return shlex.join(["python", "benchmarks/run.py", summary.grid_file, *elsewhere])
+
+
+def markdown_report(summary: Summary, split: str, metric: str, *, plot_link: str) -> str:
+    """The results table, the cost table, failures, the plot and the commands that reproduce them."""
+    seeds = (f"mean ± std over seeds {', '.join(map(str, summary.seeds))}" if len(summary.seeds) > 1
+             else f"seed {summary.seeds[0]}")
+    parts = [
+        f"**{summary.grid}** — {split} {METRICS[metric]} (%), {seeds}. Trainable parameters counted without the "
+        "task head (the LoRA paper's rule), then with it, and as a share of all parameters.",
+        "", results_table(summary, split, metric), "",
+        "Cost per cell, mean over seeds and tasks. Train time and samples/s are the recipe's own (training steps and "
+        "evaluations; samples/s counts training steps only); wall time is the whole subprocess (imports, data, "
+        "test). Peak memory is the process's max RSS on CPU, CUDA max allocated on GPU. `model/` is what a run "
+        "saves: an adapter, the trained tensors, or the whole model for `full`.",
+        "", cost_table(summary), "",
+    ]
+    if summary.failed:
+        parts += ["Failed cells (from their records):", "", failures_list(summary), ""]
+    parts += [f"![{split} {METRICS[metric]} against trainable parameters]({plot_link})", "",
+              f"Provenance: {provenance_line(summary)}", "", "Reproduce:", "", "```", *summary.commands, "```", ""]
+    return "\n".join(parts)
+
+
+def update_readme(readme: Path, grid: str, block: str) -> None:
+    """Replace the text between `<!-- report:<grid> -->` and `<!-- /report:<grid> -->` in `readme` with `block`."""
+    text = readme.read_text()
+    start, end = f"<!-- report:{grid} -->", f"<!-- /report:{grid} -->"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise PeftlabError(f"{readme} has no '{start}' ... '{end}' markers; add them where the {grid} tables go")
+    readme.write_text(pattern.sub(lambda _: f"{start}\n{block.rstrip()}\n{end}", text))
+
+
+def relative_link(target: Path, from_dir: Path) -> str:
+    """A Markdown link path from `from_dir` to `target`."""
+    return Path(os.path.relpath(Path(target).resolve(), Path(from_dir).resolve())).as_posix()

@@ -1,0 +1,233 @@
+"""Run a grid's cells, each in its own subprocess, writing one JSON record per cell; finished cells are skipped.
+
+A record is `<results_dir>/<cell id>.json` with `status` "ok" or "failed". The run folder a cell writes (weights,
+checkpoints, logs) goes to `<runs_dir>/<cell id>/`, outside git; only the records are committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from harness.grid import REPO_ROOT, Cell, Grid
+from harness.provenance import data_fingerprint, environment, folder_size, git_state, source_fingerprint
+
+RECORD_VERSION = 1
+
+
+@dataclass
+class GridRun:
+    """What one invocation of the runner did, by cell id."""
+
+    launched: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    """Cells that failed in this invocation (a subset of `launched`)."""
+    kept_failures: list[str] = field(default_factory=list)
+    """Skipped cells whose earlier record says "failed" (rerun them with retry_failed)."""
+
+
+def default_results_dir(grid: Grid) -> Path:
+    """Where the committed records go: benchmarks/results/<grid name>/."""
+    return REPO_ROOT / "benchmarks" / "results" / grid.name
+
+
+def default_runs_dir(grid: Grid) -> Path:
+    """Where the heavy run folders go: runs/benchmarks/<grid name>/ (ignored by git)."""
+    return REPO_ROOT / "runs" / "benchmarks" / grid.name
+
+
+def read_record(path: Path) -> dict | None:
+    """A cell's record, or None when there is none (a half-written file never exists: writes are atomic)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_grid(grid: Grid, results_dir: Path | None = None, runs_dir: Path | None = None, *,
+             only: list[str] | None = None, retry_failed: bool = False, timeout_s: float | None = None,
+             progress: bool = True) -> GridRun:
+    """Run every cell that has no record yet, in grid order; a failing cell is recorded and the rest go on.
+
+    Args:
+        only: shell patterns over cell ids (e.g. `*lora*seed0`); other cells are left alone.
+        retry_failed: rerun cells whose record says "failed" (by default a failed cell counts as done).
+        timeout_s: stop a cell after this many seconds and record it as failed.
+    """
+    results_dir = Path(results_dir or default_results_dir(grid))
+    runs_dir = Path(runs_dir or default_runs_dir(grid))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    cells = [c for c in grid.cells() if not only or any(fnmatch.fnmatch(c.id, p) for p in only)]
+
+    summary, pending = GridRun(), []
+    for cell in cells:
+        record = read_record(results_dir / f"{cell.id}.json")
+        if is_done(record, retry_failed):
+            summary.skipped.append(cell.id)
+            if record.get("status") != "ok":
+                summary.kept_failures.append(cell.id)
+        else:
+            pending.append(cell)
+
+    bar = tqdm(total=len(cells), initial=len(summary.skipped), unit="cell", desc=grid.name, disable=not progress,
+               dynamic_ncols=True)
+    for cell in pending:
+        bar.set_postfix_str(cell.id)
+        with claim(runs_dir / f"{cell.id}.lock") as claimed:
+            # Another runner of this grid (a second terminal) has this cell, or finished it since we looked.
+            if not claimed or is_done(read_record(results_dir / f"{cell.id}.json"), retry_failed):
+                summary.skipped.append(cell.id)
+                bar.update()
+                continue
+            record = run_cell(grid, cell, runs_dir, timeout_s=timeout_s)
+            write_record(results_dir / f"{cell.id}.json", record)
+        summary.launched.append(cell.id)
+        if record["status"] == "ok":
+            test = record["metrics"]["test"]
+            line = f"ok      {cell.id}: test accuracy {test['accuracy']:.4f} ({record['wall_time_s']:.0f} s)"
+        else:
+            summary.failed.append(cell.id)
+            line = f"FAILED  {cell.id}: {record['error']}"
+        if progress:
+            bar.write(line)
+        bar.update()
+    bar.close()
+    return summary
+
+
+def is_done(record: dict | None, retry_failed: bool) -> bool:
+    """Whether a cell with this record is skipped: any record counts, a failed one only without retry_failed."""
+    return record is not None and (record.get("status") == "ok" or not retry_failed)
+
+
+@contextlib.contextmanager
+def claim(lock: Path):
+    """Hold `lock` (a file naming this process) while a cell runs, so two runners of one grid never run the same
+    cell; yields False when a live process holds it. A lock left by a killed runner is taken over."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            holder = int(lock.read_text() or 0)
+            os.kill(holder, 0)  # raises when no such process: the lock is stale
+            yield False
+            return
+        except (ValueError, ProcessLookupError, FileNotFoundError):
+            lock.unlink(missing_ok=True)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def cell_command(grid: Grid, cell: Cell, run_dir: Path | str) -> list[str]:
+    """The recipe arguments of a cell: the grid's overrides, then the run folder (replaced if a partial run is there)."""
+    config = ["--config", grid.config] if grid.config else []
+    return [f"recipes/{grid.recipe}.py", *config, *cell.overrides, f"output_dir={run_dir}", "overwrite=true"]
+
+
+def run_cell(grid: Grid, cell: Cell, runs_dir: Path, *, timeout_s: float | None = None) -> dict:
+    """Run one cell in a subprocess and return its record (status "ok" or "failed", never raising for the cell)."""
+    run_dir = runs_dir / cell.id
+    log_path = runs_dir / f"{cell.id}.log"  # beside the run folder: the recipe empties that folder when it starts
+    command = [sys.executable, *cell_command(grid, cell, run_dir)]
+    env = {**os.environ, **grid.env}
+    source = source_fingerprint(grid.recipe)  # taken at launch: the code the subprocess imports
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            returncode = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, timeout=timeout_s).returncode
+            error = None if returncode == 0 else error_line(log_path)
+        except subprocess.TimeoutExpired:
+            returncode, error = None, f"timed out after {timeout_s:g} s"
+    wall_time_s = time.perf_counter() - start
+
+    record = {
+        "record_version": RECORD_VERSION, "grid": grid.name, "grid_file": _shown_path(grid.path), "cell": cell.id,
+        "status": "ok", "backbone": cell.backbone, "strategy": cell.strategy, "task": cell.task, "seed": cell.seed,
+        "position": cell.position, "overrides": list(cell.overrides), "env": grid.env,
+        "command": shlex.join(["python", *cell_command(grid, cell, _shown_path(run_dir))]),
+        "returncode": returncode, "wall_time_s": round(wall_time_s, 2), "log": _shown_path(log_path),
+        "run_dir": _shown_path(run_dir),
+    }
+    metrics_path = run_dir / "metrics.json"
+    if error is None and not metrics_path.is_file():
+        error = f"the recipe exited 0 but wrote no {_shown_path(metrics_path)}"
+    if error is not None:
+        record.update(status="failed", error=error)
+    else:
+        record.update(_run_outputs(grid, run_dir))
+    record.update(environment=environment(), git={**git_state(), "source_sha256": source},
+                  finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return record
+
+
+def _run_outputs(grid: Grid, run_dir: Path) -> dict:
+    """Metrics, parameter counts, cost and data hash of a finished run folder."""
+    from peftlab.training import resolve_mixed_precision
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return {
+        "metrics": {key: metrics[key] for key in ("test", "validation", "best_step", "global_step", "stopped_early")},
+        "parameters": metrics["parameters"],
+        "train_time_s": metrics["train_time_s"],
+        "samples_per_s": metrics["samples_per_s"],
+        "peak_memory_mb": metrics["peak_memory_mb"],
+        "model_size_bytes": folder_size(run_dir / "model"),
+        # `auto` precision depends on the machine: record what it resolved to here (bf16 where the CPU has it).
+        "mixed_precision": resolve_mixed_precision(config["train"]["mixed_precision"]),
+        "config": config,
+        "data": _data_or_error(grid.recipe, config["data"]),
+    }
+
+
+def _data_or_error(recipe: str, data: dict) -> dict | None:
+    # The run itself succeeded: a data source that cannot be re-read here (a Hub outage) must not lose its record.
+    try:
+        return data_fingerprint(recipe, data)
+    except Exception as err:  # noqa: BLE001 - any loader failure becomes a note in the record
+        return {"sha256": None, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+
+
+def error_line(log_path: Path) -> str:
+    """The line that says why a recipe failed: its `error: ...` line, else the log's last line (a traceback's end)."""
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    if errors:
+        return errors[-1][len("error: "):]
+    return lines[-1] if lines else "the recipe failed without output"
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write a record atomically: a runner killed mid-write leaves no half file that would count as done."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _shown_path(path: Path) -> str:
+    """A path relative to the repository when it is inside it (records stay the same on every checkout)."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,216 @@
+"""The benchmark harness: shipped grids load, the smoke grid runs end to end (tables, plot), resume and failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+
+from peftlab.config import load_config
+from peftlab.errors import PeftlabError
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the harness lives beside the benchmark scripts, like they import it
+
+from harness import runner  # noqa: E402
+from harness.grid import load_grid  # noqa: E402
+from harness.provenance import splits_fingerprint  # noqa: E402
+from harness.report import load_records, pareto_front, render, results_table, summarize, update_readme  # noqa: E402
+
+GRIDS = sorted((ROOT / "benchmarks" / "grids").glob("*.yaml"))
+SMOKE = ROOT / "benchmarks" / "grids" / "smoke.yaml"
+BROKEN = "minilm-1layer__rotten_tomatoes__lora-broken__seed0"
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
+def test_shipped_grid_loads_and_every_cell_config_is_valid(path):
+    grid = load_grid(path)
+    assert f"python benchmarks/run.py benchmarks/grids/{path.name}" in path.read_text().splitlines()[0]
+    cells = grid.cells()
+    assert len({c.id for c in cells}) == len(cells) == (
+        len(grid.backbones) * len(grid.strategies) * len(grid.tasks) * len(grid.seeds))
+    for cell in cells:
+        config = str(ROOT / grid.config) if grid.config else None
+        if "broken" in cell.strategy:  # the smoke grid's deliberate failure must fail at config time
+            with pytest.raises(PeftlabError):
+                load_config(config, cell.overrides)
+        else:
+            assert load_config(config, cell.overrides).train.seed == cell.seed
+
+
+@pytest.mark.parametrize("text, message", [
+    ("recipe: text_classification\nbackbones: {m: []}\nstrategies: {a: []}\ntasks: {t: []}\nseeds: [0]\nsedes: [1]",
+     "unknown key 'sedes'"),
+    ("recipe: text_classification\nbackbones: {m: []}\nstrategies: {a__b: []}\ntasks: {t: []}\nseeds: [0]",
+     "label 'a__b'"),
+    ("recipe: text_classification\nbackbones: {m: [output_dir=x]}\nstrategies: {a: []}\ntasks: {t: []}\nseeds: [0]",
+     "output_dir is set by the runner"),
+    ("recipe: nope\nbackbones: {m: []}\nstrategies: {a: []}\ntasks: {t: []}\nseeds: [0]", "no recipes/nope.py"),
+    ("recipe: text_classification\nbackbones: {m: [lr]}\nstrategies: {a: []}\ntasks: {t: []}\nseeds: [0]",
+     "not a key=value override"),
+])
+def test_bad_grid_is_one_line_error(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(PeftlabError, match=message):
+        load_grid(path)
+
+
+def test_smoke_grid_end_to_end_with_resume_and_a_failed_cell(tmp_path, monkeypatch):
+    grid = load_grid(SMOKE)
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    first = runner.run_grid(grid, results, runs, progress=False)
+    assert len(first.launched) == 3 and first.failed == [BROKEN]
+
+    records = {r["cell"]: r for r in load_records(results)}
+    assert set(records) == {c.id for c in grid.cells()}
+    failed = records[BROKEN]
+    assert failed["status"] == "failed" and failed["returncode"] == 2 and "no option 'rank'" in failed["error"]
+    for cell_id, record in records.items():
+        if cell_id == BROKEN:
+            continue
+        assert record["status"] == "ok"
+        assert 0 <= record["metrics"]["test"]["accuracy"] <= 1 and "macro_f1" in record["metrics"]["validation"]
+        assert record["parameters"]["trainable"] > record["parameters"]["trainable_without_head"] >= 0
+        assert record["model_size_bytes"] > 0 and record["samples_per_s"] > 0 and record["peak_memory_mb"] > 0
+        assert record["data"]["rows"] == {"train": 48, "validation": 32, "test": 32}
+        assert record["config"]["train"]["seed"] == 0 and record["config"]["model"]["num_hidden_layers"] == 1
+        assert {"torch", "transformers", "peft", "accelerate", "peftlab"} <= set(record["environment"]["versions"])
+        assert record["git"]["sha"] is None or len(record["git"]["sha"]) == 40
+    # Both finished cells trained on the same examples.
+    assert len({r["data"]["sha256"] for r in records.values() if r["status"] == "ok"}) == 1
+
+    # Resume: every cell has a record (the failure included), so nothing launches and no record is rewritten.
+    launches = []
+    real_run = subprocess.run
+    def counting_run(command, **kwargs):
+        if "recipes/" in " ".join(map(str, command)):
+            launches.append(command)
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(runner.subprocess, "run", counting_run)
+    mtimes = {p: p.stat().st_mtime_ns for p in results.glob("*.json")}
+    second = runner.run_grid(grid, results, runs, progress=False)
+    assert launches == [] and second.launched == [] and len(second.skipped) == 3 and second.kept_failures == [BROKEN]
+    assert {p: p.stat().st_mtime_ns for p in results.glob("*.json")} == mtimes
+
+    # Tables and plot from the records alone.
+    summary, paths = render(results, tmp_path / "report")
+    table = paths["table"].read_text()
+    assert "| head | 0 | 770 |" in table and "| lora-r4 | 6.1k |" in table
+    assert f"`{BROKEN}`: strategy_options.lora" in table and "python benchmarks/run.py" in table
+    assert paths["plot"].read_bytes().startswith(b"\x89PNG")
+    assert len(paths["summary_csv"].read_text().splitlines()) == 1 + 2
+    assert len(paths["cells_csv"].read_text().splitlines()) == 1 + 3
+
+
+def test_retry_failed_reruns_only_failed_cells_and_timeouts_are_failures(tmp_path, monkeypatch):
+    grid = load_grid(SMOKE)
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    results.mkdir()
+    ok, failed = grid.cells()[0].id, grid.cells()[1].id
+    runner.write_record(results / f"{ok}.json", {"cell": ok, "status": "ok"})
+    runner.write_record(results / f"{failed}.json", {"cell": failed, "status": "failed"})
+
+    real_run = subprocess.run
+
+    def timed_out(command, **kwargs):
+        if "recipes/" not in " ".join(map(str, command)):  # git, uname: let them run
+            return real_run(command, **kwargs)
+        raise subprocess.TimeoutExpired(command, 5)
+
+    monkeypatch.setattr(runner.subprocess, "run", timed_out)
+    done = runner.run_grid(grid, results, runs, retry_failed=True, timeout_s=5, progress=False)
+    assert done.launched == [failed, BROKEN] and done.skipped == [ok]
+    record = json.loads((results / f"{failed}.json").read_text())
+    assert record["status"] == "failed" and record["error"] == "timed out after 5 s"
+
+
+def test_error_line_prefers_the_recipe_error_then_the_last_line(tmp_path):
+    log = tmp_path / "cell.log"
+    log.write_text("loading\rtrain: 10%\nerror: train.lr: must be > 0, got -1.0\n")
+    assert runner.error_line(log) == "train.lr: must be > 0, got -1.0"
+    log.write_text("Traceback (most recent call last):\n  ...\nRuntimeError: out of memory\n\n")
+    assert runner.error_line(log) == "RuntimeError: out of memory"
+
+
+def test_data_fingerprint_ignores_order_and_sees_content():
+    def splits(texts):
+        return {"train": datasets.Dataset.from_dict({"text": texts, "label": [0, 0, 1]})}
+
+    a = splits_fingerprint(splits(["a", "b", "c"]))
+    assert a["rows"] == {"train": 3}
+    assert splits_fingerprint(splits(["c", "b", "a"]))["sha256"] != a["sha256"]  # labels moved with the order
+    assert splits_fingerprint({"train": splits(["a", "b", "c"])["train"].shuffle(seed=1)})["sha256"] == a["sha256"]
+    assert splits_fingerprint(splits(["a", "b", "d"]))["sha256"] != a["sha256"]
+
+
+def _record(strategy, seed, accuracy, trainable, position, task="t", status="ok"):
+    return {"grid": "g", "grid_file": "benchmarks/grids/g.yaml", "cell": f"m__{task}__{strategy}__seed{seed}",
+            "status": status, "backbone": "m", "strategy": strategy, "task": task, "seed": seed,
+            "position": {"backbone": 0, "strategy": position, "task": 0 if task == "t" else 1},
+            "metrics": {"test": {"accuracy": accuracy, "macro_f1": accuracy},
+                        "validation": {"accuracy": accuracy, "macro_f1": accuracy}},
+            "parameters": {"trainable": trainable, "trainable_without_head": trainable - 10, "total": 1000,
+                           "trainable_percent": trainable / 10},
+            "train_time_s": 1.0, "samples_per_s": 2.0, "peak_memory_mb": 3.0, "model_size_bytes": 4, "wall_time_s": 5,
+            "environment": {"versions": {"torch": "x"}, "device": "cpu"}, "git": {"sha": "0" * 40, "dirty": False}}
+
+
+def test_table_is_mean_and_std_over_seeds_in_grid_order_with_average():
+    records = [_record("lora", 0, 0.80, 110, 1), _record("lora", 1, 0.82, 110, 1),
+               _record("full", 0, 0.90, 1000, 0), _record("full", 1, 0.90, 1000, 0),
+               _record("lora", 0, 0.70, 110, 1, task="u"), _record("lora", 1, 0.70, 110, 1, task="u")]
+    table = results_table(summarize(records))
+    lines = table.splitlines()
+    assert lines[0] == "| Method | # Trainable params (w/o head) | with head | % of all | t | u | Avg. |"
+    assert lines[2].startswith("| full | 990 | 1.0k | 100% | 90.0 ± 0.0 | — | —")
+    assert lines[3] == "| lora | 100 | 110 | 11% | 81.0 ± 1.4 | 70.0 ± 0.0 | 75.5 |"
+
+
+def test_pareto_front_keeps_points_no_cheaper_point_beats():
+    points = [(10, 70.0), (100, 80.0), (50, 60.0), (1000, 79.0), (200, 81.0), (100, 75.0)]
+    assert pareto_front(points) == [(10, 70.0), (100, 80.0), (200, 81.0)]
+
+
+def test_readme_block_is_replaced_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- report:g -->\nold\n<!-- /report:g -->\nrest\n")
+    update_readme(readme, "g", "new table\n")
+    assert readme.read_text() == "intro\n<!-- report:g -->\nnew table\n<!-- /report:g -->\nrest\n"
+    with pytest.raises(PeftlabError, match="no '<!-- report:other -->'"):
+        update_readme(readme, "other", "x")
+
+
+def test_grid_base_is_extended_by_defaults_and_replaced_by_other_keys(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "recipe: text_classification\nenv: {A: '1'}\ndefaults: [train.epochs=2]\nbackbones: {m: [model.name=minilm]}\n"
+        "strategies: {full: [strategy=full]}\ntasks: {t: []}\nseeds: [0, 1]\n")
+    (tmp_path / "child.yaml").write_text(
+        "base: base.yaml\nenv: {B: '2'}\ndefaults: [train.epochs=3]\nstrategies: {head: [strategy=head]}\nseeds: [5]\n")
+    grid = load_grid(tmp_path / "child.yaml")
+    assert grid.name == "child" and list(grid.strategies) == ["head"] and grid.seeds == [5]
+    assert grid.defaults == ["train.epochs=2", "train.epochs=3"] and {"A", "B"} <= set(grid.env)
+    [cell] = grid.cells()
+    assert cell.overrides == ("train.epochs=2", "train.epochs=3", "model.name=minilm", "strategy=head", "train.seed=5")
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(PeftlabError, match="leads back to itself"):
+        load_grid(tmp_path / "loop.yaml")
+
+
+def test_a_cell_claimed_by_a_live_runner_is_skipped_and_a_stale_claim_is_taken_over(tmp_path):
+    lock = tmp_path / "cell.lock"
+    with runner.claim(lock) as claimed:
+        assert claimed and lock.read_text() == str(os.getpid())
+        with runner.claim(lock) as again:  # this process is alive: a second runner must keep off
+            assert not again
+    assert not lock.exists()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(finished.stdout.strip())  # a runner killed with SIGKILL left its lock behind
+    with runner.claim(lock) as claimed:
+        assert claimed
