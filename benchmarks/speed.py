@@ -1,8 +1,8 @@
 """Speed: peftlab's recipes against the usual `transformers.Trainer` + `peft` loop, measured in one invocation.
 
-    nice -n 5 python benchmarks/speed.py --readme benchmarks/SPEED.md     # every case (~15 min on 2 shared cores)
+    nice -n 5 python benchmarks/speed.py --readme benchmarks/SPEED.md     # every case (~15-20 min on 2 shared cores)
     python benchmarks/speed.py --cases lora head                          # some cases
-    python benchmarks/speed.py --smoke                                    # seconds: 1-layer MiniLM, tiny sizes
+    python benchmarks/speed.py --smoke                                    # about 45 s: 1-layer MiniLM, 48 texts
 
 Every run is its own subprocess (`--run SPEC`), so peak memory is per run, and the two sides of a case run back to
 back (alternating with --repeats > 1). Same data, epochs, batch size, strategy, learning rate and seed on both sides.
@@ -35,6 +35,7 @@ import importlib.util
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "speed"
 TABLE_MARKERS = ("<!-- speed:table -->", "<!-- /speed:table -->")
+CASES = ("lora", "head", "full", "vision-lora", "vision-head", "vision-full")
 TEXT_LR = {"lora": 1e-3, "head": 1e-2, "full": 5e-5}
 VISION_LR = {"lora": 2e-3, "head": 1e-2, "full": 1e-3}
 
@@ -321,11 +323,8 @@ def run_case(case: str, args) -> dict:
         for spec in case_runs(case, args):
             print(f"  {case} ({spec['side']}) {spec['kind']} ...", flush=True)
             runs[spec["side"]].append({"spec": spec, **launch(spec, args.timeout)})
-    a, b = (_median_run(runs[side]) for side in "ab")
-    record = {"case": case, "a": a, "b": b, "runs": runs, "load_average": os.getloadavg(),
-              "ratio_samples_per_s": b["samples_per_s"] / a["samples_per_s"],
-              "ratio_wall": a["wall_s"] / b["wall_s"],
-              "accuracy_difference_points": 100 * (b["test_accuracy"] - a["test_accuracy"])}
+    record = {**summarise(case, runs), "load_average": os.getloadavg()}
+    b = record["b"]
     if case.endswith("full") and b.get("model_flops_per_s"):
         seq = round(b["tokens"] / b["trained_samples"]) if b.get("tokens") else 64
         ceiling = launch({"kind": "ceiling", "threads": args.threads, "batch_size": args.batch_size, "seq": seq},
@@ -335,9 +334,15 @@ def run_case(case: str, args) -> dict:
     return record
 
 
-def _median_run(runs: list[dict]) -> dict:
-    ordered = sorted(runs, key=lambda r: r["samples_per_s"])
-    return ordered[len(ordered) // 2]
+def summarise(case: str, runs: dict[str, list[dict]]) -> dict:
+    """Each side's median run (the lower median for an even count) and the median ratio over the (a, b) pairs:
+    the sides alternate, so the runs of a pair met about the same load from other jobs."""
+    a, b = (sorted(runs[side], key=lambda r: r["samples_per_s"])[(len(runs[side]) - 1) // 2] for side in "ab")
+    pair_ratios = [rb["samples_per_s"] / ra["samples_per_s"] for ra, rb in zip(runs["a"], runs["b"])]
+    return {"case": case, "a": a, "b": b, "runs": runs, "pair_ratios": pair_ratios,
+            "ratio_samples_per_s": statistics.median(pair_ratios),
+            "ratio_wall": statistics.median(ra["wall_s"] / rb["wall_s"] for ra, rb in zip(runs["a"], runs["b"])),
+            "accuracy_difference_points": 100 * (b["test_accuracy"] - a["test_accuracy"])}
 
 
 def render_table(records: list[dict]) -> str:
@@ -349,11 +354,18 @@ def render_table(records: list[dict]) -> str:
             run = record[side]
             cached = run["spec"]["strategy"] == "head" and run["spec"].get("cache")
             label = run["spec"]["kind"] + (" cached" if cached else " uncached" if run["spec"]["strategy"] == "head" else "")
+            count = len(record["runs"][side])
+            if count > 1:
+                label += f" ({'lower ' if count % 2 == 0 else ''}median of {count})"
             ratio = f"**{record['ratio_samples_per_s']:.2f}x**" if side == "b" else ""
+            if side == "b" and len(record["pair_ratios"]) > 1:
+                ratio += " (median of " + ", ".join(f"{r:.2f}" for r in record["pair_ratios"]) + ")"
             flops = f"{run['model_flops_per_s'] / 1e12:.3f}" if run.get("model_flops_per_s") else ""
             fraction = (f"{record['fraction_of_bf16_ceiling']:.0%}" if side == "b" and "fraction_of_bf16_ceiling"
                         in record else "")
-            lines.append(f"| {record['case'] if side == 'a' else ''} | {side}: {label} | {run['samples_per_s']:.1f} | "
+            spec = run["spec"]
+            case = f"{record['case']} ({spec['train_samples']} train, {spec['eval_samples']} test, {spec['epochs']} ep)"
+            lines.append(f"| {case if side == 'a' else ''} | {side}: {label} | {run['samples_per_s']:.1f} | "
                          f"{run['train_phase_s']:.1f} | {run['wall_s']:.1f} | {run['peak_memory_mb']:.0f} | "
                          f"{run['test_accuracy']:.4f} | {ratio} | {flops} | {fraction} |")
     return "\n".join(lines)
@@ -368,8 +380,7 @@ def write_readme_table(readme: Path, table: str) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", default=["lora", "head", "full", "vision-lora", "vision-head", "vision-full"],
-                        choices=["lora", "head", "full", "vision-lora", "vision-head", "vision-full"])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--smoke", action="store_true", help="seconds: 1-layer MiniLM, 48 texts, text cases only")
     parser.add_argument("--train-samples", type=int, default=1000)
     parser.add_argument("--eval-samples", type=int, default=500, help="validation and test size each (1275: all)")
@@ -408,13 +419,14 @@ def main(argv=None) -> int:
     from harness.provenance import environment, git_state
 
     args.out.mkdir(parents=True, exist_ok=True)
-    records = []
     for case in args.cases:
         print(f"{case}:", flush=True)
         record = {**run_case(case, args), "smoke": args.smoke, "arguments": {k: str(v) for k, v in vars(args).items()},
                   "environment": environment(), "git": git_state()}
         (args.out / f"{case}.json").write_text(json.dumps(record, indent=1) + "\n")
-        records.append(record)
+    # The table holds every case recorded in the folder, so rerunning one case updates only its rows.
+    records = [json.loads((args.out / f"{case}.json").read_text()) for case in CASES
+               if (args.out / f"{case}.json").is_file()]
     table = render_table(records)
     (args.out / "table.md").write_text(table + "\n")
     print(table)

@@ -36,5 +36,5 @@ def test_smoke_writes_records_and_table(tmp_path):
     assert full["bf16_ceiling"]["mean_flops_per_s"] > 0 and 0 < full["fraction_of_bf16_ceiling"]
 
     table = (tmp_path / "table.md").read_text()
-    assert table.startswith("| case |") and "| head |" in table and "| full |" in table
+    assert table.startswith("| case |") and "| head (48 train, 24 test, 1 ep) |" in table and "| full (48 train" in table
     assert readme.read_text() == f"# Speed\n<!-- speed:table -->\n{table}<!-- /speed:table -->\nafter\n"
