@@ -1,8 +1,9 @@
 """Speed: peftlab's recipes against the usual `transformers.Trainer` + `peft` loop, measured in one invocation.
 
-    nice -n 5 python benchmarks/speed.py --readme benchmarks/SPEED.md     # every case (~15-20 min on 2 shared cores)
-    python benchmarks/speed.py --cases lora head                          # some cases
-    python benchmarks/speed.py --smoke                                    # about 45 s: 1-layer MiniLM, 48 texts
+    nice -n 5 python benchmarks/speed.py --readme benchmarks/SPEED.md benchmarks/README.md   # every case, ~15-20 min
+    python benchmarks/speed.py --cases lora head                           # some cases
+    python benchmarks/speed.py --render-only --readme benchmarks/SPEED.md  # re-render the committed records
+    python benchmarks/speed.py --smoke                                     # about 45 s: 1-layer MiniLM, 48 texts
 
 Every run is its own subprocess (`--run SPEC`), so peak memory is per run, and the two sides of a case run back to
 back (alternating with --repeats > 1). Same data, epochs, batch size, strategy, learning rate and seed on both sides.
@@ -399,7 +400,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating a, b, a, b; median kept")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per run")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--readme", type=Path, help="also write the table into this file between its speed markers")
+    parser.add_argument("--render-only", action="store_true", help="run nothing: render the records in --out")
+    parser.add_argument("--readme", type=Path, nargs="+", default=[],
+                        help="also write the table into these files between their speed markers")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one JSON spec and print its result
     args = parser.parse_args(argv)
     if args.smoke:
@@ -419,7 +422,7 @@ def main(argv=None) -> int:
     from harness.provenance import environment, git_state
 
     args.out.mkdir(parents=True, exist_ok=True)
-    for case in args.cases:
+    for case in [] if args.render_only else args.cases:
         print(f"{case}:", flush=True)
         record = {**run_case(case, args), "smoke": args.smoke, "arguments": {k: str(v) for k, v in vars(args).items()},
                   "environment": environment(), "git": git_state()}
@@ -430,8 +433,8 @@ def main(argv=None) -> int:
     table = render_table(records)
     (args.out / "table.md").write_text(table + "\n")
     print(table)
-    if args.readme:
-        write_readme_table(args.readme, table)
+    for readme in args.readme:
+        write_readme_table(readme, table)
     return 0
 
 

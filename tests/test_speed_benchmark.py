@@ -38,3 +38,21 @@ def test_smoke_writes_records_and_table(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert table.startswith("| case |") and "| head (48 train, 24 test, 1 ep) |" in table and "| full (48 train" in table
     assert readme.read_text() == f"# Speed\n<!-- speed:table -->\n{table}<!-- /speed:table -->\nafter\n"
+
+
+def test_render_only_rewrites_every_readme_from_the_records(tmp_path):
+    """--render-only runs nothing: it renders the records in --out (here, copies of the committed ones)."""
+    for record in (ROOT / "benchmarks" / "results" / "speed").glob("*.json"):
+        (tmp_path / record.name).write_text(record.read_text())
+    readmes = [tmp_path / "SPEED.md", tmp_path / "README.md"]
+    for readme in readmes:
+        readme.write_text(f"# {readme.stem}\n<!-- speed:table -->\nold\n<!-- /speed:table -->\n")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--render-only",
+                           "--out", str(tmp_path), "--readme", *map(str, readmes)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "table.md").read_text()
+    lora = json.loads((tmp_path / "lora.json").read_text())
+    assert f"**{lora['ratio_samples_per_s']:.2f}x**" in table and "| vision-full (" in table
+    for readme in readmes:
+        assert readme.read_text() == f"# {readme.stem}\n<!-- speed:table -->\n{table}<!-- /speed:table -->\n"
