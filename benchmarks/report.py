@@ -3,9 +3,12 @@
     python benchmarks/report.py benchmarks/results/text_minilm
     python benchmarks/report.py benchmarks/results/text_minilm --readme benchmarks/README.md   # also refresh README
     python benchmarks/report.py benchmarks/results/glue_roberta_base --split validation       # dev-set protocol
+    python benchmarks/report.py benchmarks/results/text_minilm --compare runs/rerun            # re-runs reproduce?
 
 Writes table.md, summary.csv, cells.csv and <metric>_vs_params.png beside the records (or under --out), from the
 JSON records alone; --readme replaces the README block between `<!-- report:<grid> -->` and `<!-- /report:<grid> -->`.
+--compare takes a folder of re-run cells (`run.py <grid> --only <cell> --results <folder>`), prints each beside its
+committed record and exits 1 unless every re-run lies within its row's spread over seeds; it writes nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from harness.report import METRICS, SPLITS, markdown_report, relative_link, render, update_readme
+from harness.report import (METRICS, SPLITS, compare_reruns, load_records, markdown_report, relative_link, render,
+                            summarize, update_readme)
 from peftlab.errors import PeftlabError
 
 
@@ -26,7 +30,18 @@ def main(argv=None) -> int:
     parser.add_argument("--split", choices=SPLITS, default="test", help="which split's metrics to tabulate")
     parser.add_argument("--metric", choices=tuple(METRICS), default="accuracy")
     parser.add_argument("--readme", type=Path, help="also replace this grid's block in a README")
+    parser.add_argument("--compare", type=Path, metavar="RERUNS",
+                        help="a folder of re-run cells: check each against its committed record, write nothing")
     args = parser.parse_args(argv)
+    if args.compare:
+        try:
+            table, reproduced = compare_reruns(summarize(load_records(args.results)), load_records(args.compare),
+                                               args.split, args.metric)
+        except PeftlabError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(table)
+        return 0 if reproduced else 1
     command = shlex.join(["python", "benchmarks/report.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         summary, paths = render(args.results, args.out, split=args.split, metric=args.metric, command=command)

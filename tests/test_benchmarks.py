@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # the harness lives beside the ben
 from harness import runner  # noqa: E402
 from harness.grid import load_grid  # noqa: E402
 from harness.provenance import splits_fingerprint  # noqa: E402
-from harness.report import load_records, pareto_front, render, results_table, summarize, update_readme  # noqa: E402
+from harness.report import (compare_reruns, load_records, pareto_front, render, results_table, summarize,  # noqa: E402
+                            update_readme)
 
 GRIDS = sorted((ROOT / "benchmarks" / "grids").glob("*.yaml"))
 SMOKE = ROOT / "benchmarks" / "grids" / "smoke.yaml"
@@ -173,6 +174,17 @@ def test_table_is_mean_and_std_over_seeds_in_grid_order_with_average():
     assert lines[3] == "| lora | 100 | 110 | 11% | 81.0 ± 1.4 | 70.0 ± 0.0 | 75.5 |"
 
 
+def test_rerun_is_reproduced_only_within_its_rows_seed_spread():
+    committed = summarize([_record("lora", 0, 0.80, 110, 1), _record("lora", 1, 0.82, 110, 1),
+                           _record("full", 0, 0.90, 1000, 0), _record("full", 1, 0.90, 1000, 0)])
+    table, ok = compare_reruns(committed, [_record("lora", 0, 0.81, 110, 1)])  # 1 point; lora's std is 1.41
+    assert ok and table.splitlines()[2] == "| m__t__lora__seed0 | 80.00 | 81.00 | +1.00 | 1.41 | yes |"
+    table, ok = compare_reruns(committed, [_record("lora", 0, 0.81, 110, 1), _record("full", 1, 0.905, 1000, 0)])
+    assert not ok and table.splitlines()[2].endswith("| 0.00 | no |")  # full's seeds agree exactly: no band
+    table, ok = compare_reruns(committed, [_record("lora", 5, 0.8, 110, 1), _record("lora", 1, 0, 110, 1, status="failed")])
+    assert not ok and "no (no committed record)" in table and "no (re-run failed" in table
+
+
 def test_pareto_front_keeps_points_no_cheaper_point_beats():
     points = [(10, 70.0), (100, 80.0), (50, 60.0), (1000, 79.0), (200, 81.0), (100, 75.0)]
     assert pareto_front(points) == [(10, 70.0), (100, 80.0), (200, 81.0)]
@@ -214,3 +226,18 @@ def test_a_cell_claimed_by_a_live_runner_is_skipped_and_a_stale_claim_is_taken_o
     lock.write_text(finished.stdout.strip())  # a runner killed with SIGKILL left its lock behind
     with runner.claim(lock) as claimed:
         assert claimed
+
+
+def test_report_compare_exits_1_when_a_rerun_is_not_reproduced(tmp_path):
+    committed, reruns = tmp_path / "committed", tmp_path / "reruns"
+    for folder, records in ((committed, [_record("lora", 0, 0.80, 110, 1), _record("lora", 1, 0.82, 110, 1)]),
+                            (reruns, [_record("lora", 1, 0.85, 110, 1)])):
+        folder.mkdir()
+        for record in records:
+            (folder / f"{record['cell']}.json").write_text(json.dumps(record))
+    report = [sys.executable, str(ROOT / "benchmarks" / "report.py"), str(committed), "--compare", str(reruns)]
+    done = subprocess.run(report, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 1 and "| m__t__lora__seed1 | 82.00 | 85.00 | +3.00 | 1.41 | no |" in done.stdout
+    assert sorted(p.name for p in committed.iterdir()) == ["m__t__lora__seed0.json", "m__t__lora__seed1.json"]
+    (reruns / "m__t__lora__seed1.json").write_text(json.dumps(_record("lora", 1, 0.82, 110, 1)))
+    assert subprocess.run(report, capture_output=True, cwd=ROOT).returncode == 0

@@ -348,3 +348,31 @@ def update_readme(readme: Path, grid: str, block: str) -> None:
 def relative_link(target: Path, from_dir: Path) -> str:
     """A Markdown link path from `from_dir` to `target`."""
     return Path(os.path.relpath(Path(target).resolve(), Path(from_dir).resolve())).as_posix()
+
+
+def compare_reruns(summary: Summary, reruns: list[dict], split: str = "test",
+                   metric: str = "accuracy") -> tuple[str, bool]:
+    """A Markdown table of re-run cells against their committed records, and whether every re-run is reproduced.
+
+    A re-run reproduces its cell when the metric moved by no more than the spread of its row over seeds (the sample
+    std of the committed seeds, in points): same seed, same code, same data should land inside that band.
+    """
+    committed = {r["cell"]: r for r in summary.records if r["status"] == "ok"}
+    rows = {(row.backbone, row.strategy): row for row in summary.rows}
+    lines = [f"| cell | committed {metric} | re-run | difference (points) | seed std (points) | reproduced |",
+             "|---|---:|---:|---:|---:|---|"]
+    reproduced = True
+    for rerun in sorted(reruns, key=lambda r: r["cell"]):
+        original = committed.get(rerun["cell"])
+        if original is None or rerun["status"] != "ok":
+            why = "no committed record" if original is None else f"re-run failed: {rerun.get('error', '')}"
+            lines.append(f"| {rerun['cell']} |  |  |  |  | no ({why}) |")
+            reproduced = False
+            continue
+        before, after = (100 * r["metrics"][split][metric] for r in (original, rerun))
+        stat = rows[(original["backbone"], original["strategy"])].stat(original["task"], split, metric)
+        within = abs(after - before) <= stat.std
+        reproduced &= within
+        lines.append(f"| {rerun['cell']} | {before:.2f} | {after:.2f} | {after - before:+.2f} | {stat.std:.2f} | "
+                     f"{'yes' if within else 'no'} |")
+    return "\n".join(lines), reproduced
