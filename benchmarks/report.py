@@ -3,7 +3,7 @@
     python benchmarks/report.py benchmarks/results/text_minilm
     python benchmarks/report.py benchmarks/results/text_minilm --readme benchmarks/README.md   # also refresh README
     python benchmarks/report.py benchmarks/results/glue_roberta_base --split validation       # dev-set protocol
-    python benchmarks/report.py benchmarks/results/text_minilm --compare runs/rerun            # re-runs reproduce?
+    python benchmarks/report.py benchmarks/results/text_minilm --compare runs/rerun/records    # re-runs reproduce?
 
 Writes table.md, summary.csv, cells.csv and <metric>_vs_params.png beside the records (or under --out), from the
 JSON records alone; --readme replaces the README block between `<!-- report:<grid> -->` and `<!-- /report:<grid> -->`.
