@@ -20,6 +20,7 @@ from peftlab.errors import PeftlabError
 
 SPLITS = ("test", "validation")
 METRICS = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
 
 
 def load_records(results_dir: Path) -> list[dict]:
@@ -171,13 +172,16 @@ def results_table(summary: Summary, split: str = "test", metric: str = "accuracy
 
 def cost_table(summary: Summary) -> str:
     """What each method costs, averaged over its finished cells."""
-    lines = ["| Method | train time (s) | samples/s | wall time (s) | peak memory (MB) | saved `model/` |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| Method | train time (s) | samples/s | wall time (s) | peak memory (MB) | saved `model/` | precision |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for row in summary.rows:
         name = f"{row.backbone} {row.strategy}" if len({r.backbone for r in summary.rows}) > 1 else row.strategy
+        # What `train.mixed_precision=auto` resolved to on the machine that ran the cell ("no" is fp32).
+        precision = ", ".join(sorted({PRECISION_NAMES.get(r.get("mixed_precision"), str(r.get("mixed_precision")))
+                                      for r in row.records}))
         lines.append(f"| {name} | {row.cost('train_time_s'):.0f} | {row.cost('samples_per_s'):.1f} | "
                      f"{row.cost('wall_time_s'):.0f} | "
-                     f"{row.cost('peak_memory_mb'):.0f} | {row.cost('model_size_bytes') / 2**20:.2f} MB |")
+                     f"{row.cost('peak_memory_mb'):.0f} | {row.cost('model_size_bytes') / 2**20:.2f} MB | {precision} |")
     return "\n".join(lines)
 
 
@@ -325,7 +329,8 @@ def markdown_report(summary: Summary, split: str, metric: str, *, plot_link: str
         "Cost per cell, mean over seeds and tasks. Train time and samples/s are the recipe's own (training steps and "
         "evaluations; samples/s counts training steps only); wall time is the whole subprocess (imports, data, "
         "test). Peak memory is the process's max RSS on CPU, CUDA max allocated on GPU. `model/` is what a run "
-        "saves: an adapter, the trained tensors, or the whole model for `full`.",
+        "saves: an adapter, the trained tensors, or the whole model for `full`. Precision is what the recipe's "
+        "`train.mixed_precision=auto` chose: bf16 autocast where the CPU has AVX512-BF16 (or on a GPU), else fp32.",
         "", cost_table(summary), "",
     ]
     if summary.failed:
