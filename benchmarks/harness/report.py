@@ -197,7 +197,7 @@ def provenance_line(summary: Summary) -> str:
     if sources:
         commits += f", {len(sources)} distinct source tree{'s' if len(sources) > 1 else ''} (git.source_sha256)"
     data = distinct(lambda r: f"{r['task']} {r['data']['sha256'][:12]}" if (r.get("data") or {}).get("sha256") else None)
-    precisions = distinct(lambda r: r.get("mixed_precision"))
+    precisions = distinct(lambda r: PRECISION_NAMES.get(r.get("mixed_precision"), r.get("mixed_precision")))
     return (f"{len(finished)} finished and {len(summary.failed)} failed cells; seeds {summary.seeds}; "
             f"commit {commits}; {env_versions}; {distinct(lambda r: r['environment']['device'])}"
             f"{f'; precision {precisions}' if precisions else ''}; data sha256 {data or 'n/a'}.")
