@@ -33,17 +33,13 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", type=Path, metavar="RERUNS",
                         help="a folder of re-run cells: check each against its committed record, write nothing")
     args = parser.parse_args(argv)
-    if args.compare:
-        try:
-            table, reproduced = compare_reruns(summarize(load_records(args.results)), load_records(args.compare),
-                                               args.split, args.metric)
-        except PeftlabError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print(table)
-        return 0 if reproduced else 1
     command = shlex.join(["python", "benchmarks/report.py", *(sys.argv[1:] if argv is None else argv)])
     try:
+        if args.compare:
+            table, reproduced = compare_reruns(summarize(load_records(args.results)), load_records(args.compare),
+                                               args.split, args.metric)
+            print(table)
+            return 0 if reproduced else 1
         summary, paths = render(args.results, args.out, split=args.split, metric=args.metric, command=command)
         if args.readme:
             block = markdown_report(summary, args.split, args.metric, plot_link=relative_link(paths["plot"], args.readme.parent))

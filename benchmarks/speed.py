@@ -339,10 +339,11 @@ def summarise(case: str, runs: dict[str, list[dict]]) -> dict:
     """Each side's median run (the lower median for an even count) and the median ratio over the (a, b) pairs:
     the sides alternate, so the runs of a pair met about the same load from other jobs."""
     a, b = (sorted(runs[side], key=lambda r: r["samples_per_s"])[(len(runs[side]) - 1) // 2] for side in "ab")
-    pair_ratios = [rb["samples_per_s"] / ra["samples_per_s"] for ra, rb in zip(runs["a"], runs["b"])]
+    pairs = list(zip(runs["a"], runs["b"]))
+    pair_ratios = [rb["samples_per_s"] / ra["samples_per_s"] for ra, rb in pairs]
     return {"case": case, "a": a, "b": b, "runs": runs, "pair_ratios": pair_ratios,
             "ratio_samples_per_s": statistics.median(pair_ratios),
-            "ratio_wall": statistics.median(ra["wall_s"] / rb["wall_s"] for ra, rb in zip(runs["a"], runs["b"])),
+            "ratio_wall": statistics.median(ra["wall_s"] / rb["wall_s"] for ra, rb in pairs),
             "accuracy_difference_points": 100 * (b["test_accuracy"] - a["test_accuracy"])}
 
 
@@ -370,13 +371,6 @@ def render_table(records: list[dict]) -> str:
                          f"{run['train_phase_s']:.1f} | {run['wall_s']:.1f} | {run['peak_memory_mb']:.0f} | "
                          f"{run['test_accuracy']:.4f} | {ratio} | {flops} | {fraction} |")
     return "\n".join(lines)
-
-
-def write_readme_table(readme: Path, table: str) -> None:
-    """Replace the block between the speed table markers of `readme` with `table`."""
-    text = readme.read_text()
-    start, end = text.index(TABLE_MARKERS[0]) + len(TABLE_MARKERS[0]), text.index(TABLE_MARKERS[1])
-    readme.write_text(text[:start] + "\n" + table + "\n" + text[end:])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -420,6 +414,7 @@ def main(argv=None) -> int:
         return 0
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from harness.provenance import environment, git_state
+    from harness.report import write_between_markers
 
     args.out.mkdir(parents=True, exist_ok=True)
     for case in [] if args.render_only else args.cases:
@@ -434,7 +429,7 @@ def main(argv=None) -> int:
     (args.out / "table.md").write_text(table + "\n")
     print(table)
     for readme in args.readme:
-        write_readme_table(readme, table)
+        write_between_markers(readme, *TABLE_MARKERS, table, what="the speed table")
     return 0
 
 

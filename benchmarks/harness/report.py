@@ -170,15 +170,18 @@ def results_table(summary: Summary, split: str = "test", metric: str = "accuracy
     return "\n".join(lines)
 
 
+def precision_name(record: dict) -> str:
+    """What `train.mixed_precision=auto` resolved to on the machine that ran the cell ("no" is fp32)."""
+    return PRECISION_NAMES.get(record.get("mixed_precision"), str(record.get("mixed_precision")))
+
+
 def cost_table(summary: Summary) -> str:
     """What each method costs, averaged over its finished cells."""
     lines = ["| Method | train time (s) | samples/s | wall time (s) | peak memory (MB) | saved `model/` | precision |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for row in summary.rows:
         name = f"{row.backbone} {row.strategy}" if len({r.backbone for r in summary.rows}) > 1 else row.strategy
-        # What `train.mixed_precision=auto` resolved to on the machine that ran the cell ("no" is fp32).
-        precision = ", ".join(sorted({PRECISION_NAMES.get(r.get("mixed_precision"), str(r.get("mixed_precision")))
-                                      for r in row.records}))
+        precision = ", ".join(sorted({precision_name(r) for r in row.records}))
         lines.append(f"| {name} | {row.cost('train_time_s'):.0f} | {row.cost('samples_per_s'):.1f} | "
                      f"{row.cost('wall_time_s'):.0f} | "
                      f"{row.cost('peak_memory_mb'):.0f} | {row.cost('model_size_bytes') / 2**20:.2f} MB | {precision} |")
@@ -197,7 +200,7 @@ def provenance_line(summary: Summary) -> str:
     if sources:
         commits += f", {len(sources)} distinct source tree{'s' if len(sources) > 1 else ''} (git.source_sha256)"
     data = distinct(lambda r: f"{r['task']} {r['data']['sha256'][:12]}" if (r.get("data") or {}).get("sha256") else None)
-    precisions = distinct(lambda r: PRECISION_NAMES.get(r.get("mixed_precision"), r.get("mixed_precision")))
+    precisions = distinct(precision_name)
     return (f"{len(finished)} finished and {len(summary.failed)} failed cells; seeds {summary.seeds}; "
             f"commit {commits}; {env_versions}; {distinct(lambda r: r['environment']['device'])}"
             f"{f'; precision {precisions}' if precisions else ''}; data sha256 {data or 'n/a'}.")
@@ -342,12 +345,16 @@ def markdown_report(summary: Summary, split: str, metric: str, *, plot_link: str
 
 def update_readme(readme: Path, grid: str, block: str) -> None:
     """Replace the text between `<!-- report:<grid> -->` and `<!-- /report:<grid> -->` in `readme` with `block`."""
-    text = readme.read_text()
-    start, end = f"<!-- report:{grid} -->", f"<!-- /report:{grid} -->"
+    write_between_markers(readme, f"<!-- report:{grid} -->", f"<!-- /report:{grid} -->", block, what=f"the {grid} tables")
+
+
+def write_between_markers(path: Path, start: str, end: str, block: str, *, what: str) -> None:
+    """Replace the text between the markers `start` and `end` in `path` with `block` (`what` names it in errors)."""
+    text = Path(path).read_text()
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise PeftlabError(f"{readme} has no '{start}' ... '{end}' markers; add them where the {grid} tables go")
-    readme.write_text(pattern.sub(lambda _: f"{start}\n{block.rstrip()}\n{end}", text))
+        raise PeftlabError(f"{path} has no '{start}' ... '{end}' markers; add them where {what} should go")
+    Path(path).write_text(pattern.sub(lambda _: f"{start}\n{block.rstrip()}\n{end}", text))
 
 
 def relative_link(target: Path, from_dir: Path) -> str:
