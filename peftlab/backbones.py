@@ -113,6 +113,17 @@ def load_backbone(
     return backbone
 
 
+def check_max_length(backbone: Backbone, max_length: int) -> None:
+    """Refuse a `data.max_length` beyond the text backbone's position limit now, not as a traceback mid-training."""
+    config = getattr(backbone.model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2  # RoBERTa-style position ids start after the padding index: 514 positions hold 512 tokens
+    if limit and max_length > limit:
+        raise PeftlabError(f"data.max_length={max_length} is longer than {backbone.name} can take ({limit} tokens); "
+                           f"set data.max_length={limit} or less")
+
+
 def set_dropout(model: nn.Module, probability: float) -> None:
     """Set p of every nn.Dropout in the model: one knob for any architecture (config names differ per model)."""
     if not 0 <= probability < 1:

@@ -12,8 +12,10 @@ Layout of `<output_dir>/checkpoints/`:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from peftlab.errors import PeftlabError
@@ -48,6 +51,18 @@ class Progress:
     best_step: int | None = None
     evals_since_best: int = 0
     history: list[dict] = field(default_factory=list)
+    train_time_s: float = 0.0
+    """Wall time of training so far, over every resumed part (evaluation and checkpointing included)."""
+    step_time_s: float = 0.0
+    """Time spent in training steps so far (evaluation and checkpointing excluded)."""
+    samples: int = 0
+    """Training samples so far, over all processes."""
+    batch_size: int | None = None
+    """Per-process batch size, processes, accumulation and batches per epoch of the run that took the checkpoint:
+    a resumed run must batch the data the same way, or `batches_in_epoch` would point at other samples."""
+    num_processes: int | None = None
+    grad_accum_steps: int | None = None
+    batches_per_epoch: int | None = None
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
@@ -71,15 +86,28 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, progress: Progress
     accelerator.wait_for_everyone()
 
     # Every process writes its own RNG state; model and optimizer are identical across DDP ranks, so rank 0 writes them.
-    _save_torch(get_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        weights = trainable_state_dict(accelerator.unwrap_model(model))
-        save_file(weights, tmp / WEIGHTS_FILE, metadata={"format": "pt", "global_step": str(progress.global_step)})
-        _fsync(tmp / WEIGHTS_FILE)
-        _save_torch(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        _save_torch(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        _write_text(tmp / PROGRESS_FILE, json.dumps(asdict(progress), indent=1))
-    accelerator.wait_for_everyone()
+    error = None
+    try:
+        _save_torch(get_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            weights = trainable_state_dict(accelerator.unwrap_model(model))
+            save_file(weights, tmp / WEIGHTS_FILE, metadata={"format": "pt", "global_step": str(progress.global_step)})
+            _fsync(tmp / WEIGHTS_FILE)
+            _save_torch(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            _save_torch(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            _write_text(tmp / PROGRESS_FILE, json.dumps(asdict(progress), indent=1))
+    except OSError as err:  # a full disk (ENOSPC), a quota, a vanished folder: the published checkpoints are untouched
+        error = err
+    if _any_process(accelerator, error is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(output_dir)
+        reason = (error.strerror if error is not None and error.strerror else str(error)) if error else "on another process"
+        if error is not None and error.errno == errno.ENOSPC:
+            reason = "no space left on device"
+        kept = (f"the previous checkpoint {previous} is intact; free space, then resume with resume_from=latest"
+                if previous else "no earlier checkpoint exists; free space and rerun")
+        raise PeftlabError(f"could not write checkpoint {name} in {root} ({reason}); {kept}")
 
     if accelerator.is_main_process:
         _replace_dir(tmp, final)
@@ -89,6 +117,13 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, progress: Progress
         _prune(root, keep={name, _read_pointer(root, BEST)})
     accelerator.wait_for_everyone()
     return final
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any process (every process must take the same branch, or the next barrier hangs)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item())
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -113,17 +148,65 @@ def resolve_checkpoint(resume_from: str | os.PathLike, output_dir: str | os.Path
 
 
 def load_checkpoint(path: str | os.PathLike, accelerator, model, optimizer, scheduler) -> Progress:
-    """Restore trainable weights, optimizer and scheduler from a checkpoint; return its Progress (RNG is separate)."""
+    """Restore trainable weights, optimizer and scheduler from a checkpoint; return its Progress (RNG is separate).
+
+    A missing, truncated or foreign file is one PeftlabError naming it and the way out.
+    """
     path = Path(path)
+    progress = read_progress(path)
     load_trainable_weights(accelerator.unwrap_model(model), path)
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True))
-    return Progress(**json.loads((path / PROGRESS_FILE).read_text()))
+    optimizer.load_state_dict(load_state(path / OPTIMIZER_FILE))
+    scheduler.load_state_dict(load_state(path / SCHEDULER_FILE))
+    return progress
+
+
+def read_progress(path: str | os.PathLike) -> Progress:
+    """The Progress saved in a checkpoint folder."""
+    file = Path(path) / PROGRESS_FILE
+    try:
+        return Progress(**json.loads(file.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as err:  # missing, not JSON, or not Progress's fields
+        raise _broken(file, "is missing" if isinstance(err, FileNotFoundError) else "is not a valid progress file") from err
+
+
+def load_state(file: str | os.PathLike) -> dict:
+    """torch.load of a checkpoint file holding tensors and numbers only (weights_only: no code can run)."""
+    file = Path(file)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise _broken(file, "is missing") from err
+    except pickle.UnpicklingError as err:
+        # torch's own message suggests weights_only=False, i.e. running whatever code the file holds: never echo it.
+        raise _broken(file, "holds objects other than tensors and numbers, so it was not unpickled "
+                            "(it could run code)") from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise _broken(file, "is truncated or corrupt") from err
+
+
+def _broken(file: Path, problem: str) -> PeftlabError:
+    checkpoint = file.parent
+    others = sorted({p.name for p in (latest_checkpoint(checkpoint.parent.parent), _best(checkpoint.parent)) if p}
+                    - {checkpoint.name})
+    way_out = (f"resume from another checkpoint (resume_from={checkpoint.parent / others[0]}) or start afresh with "
+               "overwrite=true" if others else "start afresh with overwrite=true (or without resume_from)")
+    return PeftlabError(f"checkpoint file {file} {problem}; {way_out}")
+
+
+def _best(root: Path) -> Path | None:
+    name = _read_pointer(root, BEST)
+    return root / name if name else None
 
 
 def load_trainable_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Copy a checkpoint's tensors into the model; it must hold every trainable parameter and nothing unknown."""
-    saved = load_file(Path(path) / WEIGHTS_FILE)
+    file = Path(path) / WEIGHTS_FILE
+    if not file.is_file():
+        raise _broken(file, "is missing")
+    try:
+        saved = load_file(file)
+    except (SafetensorError, OSError) as err:
+        raise _broken(file, "is truncated or corrupt") from err
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(trainable - saved.keys()), sorted(saved.keys() - targets.keys())
@@ -164,7 +247,7 @@ def load_rng_state(path: str | os.PathLike, process_index: int) -> dict:
     file = Path(path) / f"rng_state_{process_index}.pt"
     if not file.exists():
         file = Path(path) / "rng_state_0.pt"
-    return torch.load(file, map_location="cpu", weights_only=True)
+    return load_state(file)
 
 
 def _save_torch(obj, path: Path) -> None:

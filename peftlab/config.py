@@ -10,8 +10,11 @@ import inspect
 import json
 import os
 import re
+import shlex
+import signal
 import sys
 import textwrap
+import threading
 import types
 import typing
 from dataclasses import dataclass, field
@@ -184,18 +187,21 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "positive": (lambda v: v > 0, "must be > 0"),
     "non_negative": (lambda v: v >= 0, "must be >= 0"),
     "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32) (numpy's seed range)"),
 }
 _RANGES: dict[type, dict[str, str]] = {
     ModelConfig: {"num_hidden_layers": "positive", "dropout": "fraction"},
     DataConfig: {
         "max_length": "positive", "image_size": "positive", "validation_fraction": "fraction",
         "test_fraction": "fraction", "max_train_samples": "positive", "max_eval_samples": "positive",
+        "split_seed": "seed",
     },
     TrainConfig: {
         "epochs": "positive", "max_steps": "positive", "batch_size": "positive", "eval_batch_size": "positive",
         "grad_accum_steps": "positive", "lr": "positive", "weight_decay": "non_negative", "momentum": "fraction",
         "warmup_ratio": "fraction", "max_grad_norm": "positive", "eval_every": "non_negative",
         "early_stopping_patience": "positive", "checkpoint_every": "non_negative", "log_every": "positive",
+        "seed": "seed",
     },
 }
 
@@ -547,15 +553,63 @@ def run_cli(
 ) -> Any:
     """Run a recipe's `main(cfg)` from the command line; a PeftlabError prints as `error: <message>` and exits 2.
 
-    With `--debug` the error is re-raised, so its traceback shows.
+    A run stopped by SIGTERM or Ctrl-C prints one line with the command that resumes it and exits 128 + the signal's
+    number. Any other exception is a bug: its traceback shows and the exit code is 1, never 2. With `--debug` a
+    PeftlabError is re-raised too, so its traceback shows.
     """
+    from peftlab import run_folder
+    from peftlab.errors import RunInterrupted
+
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # known before parsing, so a bad config can show its traceback too
+    previous_sigterm = _sigterm_raises_keyboard_interrupt()
     try:
         cfg, debug = parse_recipe_args(argv, default_config)
         return main(cfg)
     except PeftlabError as err:
+        message = " ".join(str(err).split())
+        run_folder.close_all_run_folders(run_folder.FAILED, message)
         if debug:
             raise
-        print("error: " + " ".join(str(err).split("\n")), file=sys.stderr)
+        print("error: " + message, file=sys.stderr)
         sys.exit(2)
+    except RunInterrupted as stop:
+        run_folder.close_all_run_folders(run_folder.INTERRUPTED, str(stop))
+        _print_once(f"interrupted: {stop}; resume with: {_resume_command(argv)}")
+        sys.exit(128 + (signal.SIGINT if stop.signal_name == "SIGINT" else signal.SIGTERM))
+    except KeyboardInterrupt:
+        closed = run_folder.close_all_run_folders(run_folder.INTERRUPTED, "interrupted before the first checkpoint")
+        _print_once("interrupted before training saved anything" + (f" (the folder {closed[0]} is reused by the "
+                    "same command)" if closed else "") + "; rerun the same command to start again")
+        sys.exit(128 + signal.SIGINT)
+    except BaseException as err:
+        if not isinstance(err, SystemExit):
+            run_folder.close_all_run_folders(run_folder.FAILED, f"internal error {type(err).__name__}")
+        raise
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _sigterm_raises_keyboard_interrupt():
+    # Outside the training loop (which saves a checkpoint first, see peftlab.training.StopSignal) SIGTERM ends the run
+    # like Ctrl-C, so the folder is marked and the user gets a line, not a silent kill.
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None  # only the main thread may set handlers (a recipe run from a worker thread keeps the default)
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same arguments plus resume_from=latest."""
+    kept = [a for a in argv if not a.startswith(("resume_from=", "overwrite="))]
+    launcher = "accelerate launch" if "LOCAL_RANK" in os.environ else "python"
+    return " ".join(shlex.quote(a) for a in [*launcher.split(), sys.argv[0], *kept, "resume_from=latest"])
+
+
+def _print_once(line: str) -> None:
+    # One line per run, not one per process of a multi-process launch.
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)

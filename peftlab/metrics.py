@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +38,19 @@ def load_metric(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
             f"metric {name!r} is not shipped with peftlab (shipped: {', '.join(shipped_metrics())}) "
             f"and could not be loaded from the Hub: {first_line}"
         ) from err
+
+
+SCALAR_METRICS = ("loss", "accuracy", "macro_f1", "macro_precision", "macro_recall")
+"""What each validation evaluation reports, and so what `train.metric_for_best` may name (`loss`: lower is better)."""
+
+
+def check_metric_for_best(name: str) -> None:
+    """Reject a `train.metric_for_best` that no evaluation reports, before training (not after the first epoch)."""
+    if name not in SCALAR_METRICS:
+        close = difflib.get_close_matches(name, SCALAR_METRICS, n=1) or [m for m in SCALAR_METRICS if name in m]
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise PeftlabError(f"train.metric_for_best={name!r} is not a validation metric{hint} "
+                           f"(choose one of: {', '.join(SCALAR_METRICS)})")
 
 
 def compute_classification_metrics(

@@ -1,4 +1,4 @@
-"""A run's output folder: refuse to clobber a finished run, then write weights, metrics, config and model card.
+"""A run's outputs: check and open its folder (peftlab.run_folder), then write weights, metrics, config and model card.
 
 Layout of `output_dir`:
     config.yaml        the resolved config (what `predict` rebuilds the model from)
@@ -12,15 +12,14 @@ Layout of `output_dir`:
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
-
+from peftlab import run_folder
 from peftlab.config import RecipeConfig, save_config
 from peftlab.errors import PeftlabError
 from peftlab.params import ParameterCount
+from peftlab.run_folder import FolderState
 from peftlab.saving import save_trained
 
 MODEL_SUBDIR = "model"
@@ -29,44 +28,44 @@ CONFIG_FILE = "config.yaml"
 TASK_FILE = "task.json"
 
 
-def check_output_dir(cfg: RecipeConfig) -> Path:
-    """Refuse an existing non-empty `cfg.output_dir` unless resuming or `overwrite: true` (no side effects)."""
-    output_dir = Path(cfg.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise PeftlabError(f"output_dir {output_dir} is a file; choose a folder path")
-    exists = output_dir.is_dir() and any(output_dir.iterdir())
-    if exists and cfg.resume_from is None and not cfg.overwrite:
-        raise PeftlabError(f"output_dir {output_dir} already holds a run; pass resume_from=latest to continue it, "
-                           "overwrite=true to replace it, or another output_dir")
-    if cfg.resume_from is not None and not exists and not Path(cfg.resume_from).is_dir():
-        raise PeftlabError(f"resume_from={cfg.resume_from} but {output_dir} holds no run to resume; "
-                           "drop resume_from to start afresh")
-    return output_dir
+def check_output_dir(cfg: RecipeConfig) -> FolderState:
+    """What this run may do with `cfg.output_dir` (see peftlab.run_folder); raises PeftlabError, writes nothing."""
+    return run_folder.check_output_dir(cfg.output_dir, resume_from=cfg.resume_from, overwrite=cfg.overwrite)
 
 
 def check_before_loading(cfg: RecipeConfig) -> None:
-    """Everything about a run that can be rejected in milliseconds: output folder, precision, trackers."""
+    """Everything about a run that can be rejected in milliseconds: output folder, precision, trackers, metric."""
+    from peftlab.metrics import check_metric_for_best
     from peftlab.tracking import build_trackers
     from peftlab.training import resolve_mixed_precision
 
     check_output_dir(cfg)
     resolve_mixed_precision(cfg.train.mixed_precision)
     build_trackers(cfg.train.trackers, cfg.output_dir)  # side-effect free: trackers start later
+    check_metric_for_best(cfg.train.metric_for_best)
 
 
-def prepare_output_dir(cfg: RecipeConfig) -> Path:
-    """Create `cfg.output_dir` (emptied first when `overwrite: true` and not resuming), once across processes.
+def prepare_output_dir(cfg: RecipeConfig, accelerator) -> Path:
+    """Create, lock and mark `cfg.output_dir` on the main process; every process of the run gets its path or error.
 
-    Call it after everything that can fail on bad input, so a rejected run writes nothing.
+    Call it after everything that can fail on bad input, so a rejected run writes nothing. Takes the run's own
+    Accelerator: a bare `PartialState()` made here, before the Accelerator, would set up single-process state
+    and turn a multi-process CPU launch into independent copies of the run.
     """
-    output_dir = check_output_dir(cfg)
-    state = PartialState()
-    if state.is_main_process:
-        if output_dir.is_dir() and cfg.overwrite and cfg.resume_from is None:
-            shutil.rmtree(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-    state.wait_for_everyone()
-    return output_dir
+    from accelerate.utils import broadcast_object_list
+
+    problem = [None]
+    if accelerator.is_main_process:
+        try:
+            run_folder.open_run_folder(check_output_dir(cfg))  # checked again: the folder may have changed since
+        except PeftlabError as err:
+            problem = [str(err)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(problem)  # the other ranks stop with the main process's message
+    if problem[0] is not None:
+        raise PeftlabError(problem[0])
+    accelerator.wait_for_everyone()
+    return Path(cfg.output_dir)
 
 
 def test_and_save(cfg: RecipeConfig, task: str, *, accelerator, model, result, test_loader, label_names: list[str],
@@ -86,6 +85,7 @@ def test_and_save(cfg: RecipeConfig, task: str, *, accelerator, model, result, t
     if accelerator.is_main_process:
         write_run_outputs(output_dir, cfg, task, accelerator.unwrap_model(model), preprocessor, metrics, counts,
                           label_names)
+        run_folder.close_run_folder(output_dir, run_folder.FINISHED)
     accelerator.end_training()
     return metrics
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import re
 import resource
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,12 +24,13 @@ from peftlab.checkpointing import (
     load_checkpoint,
     load_rng_state,
     load_trainable_weights,
+    read_progress,
     resolve_checkpoint,
     save_checkpoint,
     set_rng_state,
     step_dir,
 )
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, RunInterrupted
 from peftlab.tracking import build_trackers
 
 
@@ -42,7 +45,7 @@ class TrainResult:
     """One dict per evaluation: {"step": N, "loss": ..., <compute_metrics keys>}."""
     global_step: int
     train_time_s: float
-    """Wall time of this call, evaluation and checkpointing included."""
+    """Wall time of training, evaluation and checkpointing included, summed over a resumed run's parts."""
     samples_per_s: float
     """Training samples over all processes per second of training steps (evaluation and checkpointing excluded)."""
     peak_memory_mb: float
@@ -152,11 +155,15 @@ def train(
     # A prepared scheduler steps once per process per optimizer step (accelerate's convention), so count in those.
     scheduler = accelerator.prepare(build_scheduler(optimizer, train_cfg, total_steps * accelerator.num_processes))
 
-    progress, rng_state = Progress(), None
+    layout = {"batch_size": train_cfg.batch_size, "num_processes": accelerator.num_processes,
+              "grad_accum_steps": train_cfg.grad_accum_steps, "batches_per_epoch": len(train_loader)}
+    progress, rng_state = Progress(**layout), None
     if resume_from is not None:
         path = resolve_checkpoint(resume_from, output_dir)
+        check_same_batching(read_progress(path), layout, path)
         progress = load_checkpoint(path, accelerator, model, optimizer, scheduler)
         rng_state = load_rng_state(path, accelerator.process_index)
+    previous_time_s, previous_step_time_s, previous_samples = progress.train_time_s, progress.step_time_s, progress.samples
     if not accelerator.trackers:
         accelerator.init_trackers("peftlab", config={f"train.{k}": _loggable(v) for k, v in asdict(train_cfg).items()})
 
@@ -165,9 +172,10 @@ def train(
     stopped_early = _patience_exhausted(progress, train_cfg)  # a resumed run may have stopped early already
     stop = stopped_early or progress.global_step >= total_steps
     samples, housekeeping_s, window, micro_losses = 0, 0.0, [], []
+    stop_signal = StopSignal(accelerator)
     model.train()
     while not stop:
-        batches = _epoch_batches(accelerator, train_loader, progress)
+        batches, epoch_batches = _epoch_batches(accelerator, train_loader, progress), 0
         if rng_state is not None and progress.batches_in_epoch == 0:
             set_rng_state(rng_state)  # resumed at an epoch boundary: before the iterator draws its seed
             rng_state = None
@@ -177,6 +185,7 @@ def train(
                 set_rng_state(rng_state)
                 rng_state = None
             progress.batches_in_epoch += 1
+            epoch_batches += 1
             samples += len(batch["labels"]) * accelerator.num_processes
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
@@ -204,6 +213,9 @@ def train(
                 window = []
 
             housekeeping_start = time.perf_counter()
+            progress.train_time_s = previous_time_s + housekeeping_start - start
+            progress.step_time_s = previous_step_time_s + housekeeping_start - start - housekeeping_s
+            progress.samples = previous_samples + samples
             last = progress.global_step >= total_steps
             evaluated = improved = False
             if _should_evaluate(train_cfg, progress.global_step, epoch_end, last):
@@ -212,30 +224,84 @@ def train(
                 accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.global_step)
                 stopped_early = _patience_exhausted(progress, train_cfg)
             stop = last or stopped_early
-            if _should_save(train_cfg, progress.global_step, evaluated, improved, stop):
+            signalled = not stop and stop_signal.received()
+            if _should_save(train_cfg, progress.global_step, evaluated, improved, stop) or signalled:
                 save_checkpoint(accelerator, model, optimizer, scheduler, progress, output_dir)
             housekeeping_s += time.perf_counter() - housekeeping_start
+            if signalled:
+                stop_signal.restore()
+                raise RunInterrupted(stop_signal.name, progress.global_step, str(latest_checkpoint(output_dir)))
             if stop:
                 break
         batches.end()  # an early break would leave the loader registered in accelerate's gradient state
+        if not stop and epoch_batches == 0:  # a loop that consumes nothing would spin forever: never let it
+            raise PeftlabError(f"epoch {progress.epoch} yielded no training batches ({len(train_loader)} per epoch, "
+                               f"{progress.batches_in_epoch} already consumed); start afresh without resume_from")
+    stop_signal.restore()
     bar.close()
 
     best = step_dir(output_dir, progress.best_step) if progress.best_step is not None else None
     if best is not None:
         load_trainable_weights(accelerator.unwrap_model(model), best)
-    train_time = time.perf_counter() - start
+    if samples:  # this call trained; a resumed finished run keeps the figures of the run that did
+        progress.train_time_s = previous_time_s + time.perf_counter() - start
+        progress.step_time_s = previous_step_time_s + time.perf_counter() - start - housekeeping_s
+        progress.samples = previous_samples + samples
     best_metrics = next((h for h in progress.history if h["step"] == progress.best_step), {})
     return TrainResult(
         best_metrics={k: v for k, v in best_metrics.items() if k != "step"},
         best_step=progress.best_step,
         history=progress.history,
         global_step=progress.global_step,
-        train_time_s=train_time,
-        samples_per_s=samples / max(train_time - housekeeping_s, 1e-9),
+        train_time_s=progress.train_time_s,
+        samples_per_s=progress.samples / max(progress.step_time_s, 1e-9),
         peak_memory_mb=_peak_memory_mb(accelerator),
         stopped_early=stopped_early,
         best_checkpoint=str(best) if best else None,
     )
+
+
+def check_same_batching(saved: Progress, layout: dict, path) -> None:
+    """Refuse to resume with other batches than the checkpoint's: its position in the epoch counts batches."""
+    changed = [f"{key}={getattr(saved, key)} -> {value}" for key, value in layout.items()
+               if getattr(saved, key) is not None and getattr(saved, key) != value]
+    if changed:
+        hint = ("keep train.batch_size, train.grad_accum_steps, the number of processes and the training data "
+                "as they were")
+        raise PeftlabError(f"checkpoint {path} was taken with other batches ({', '.join(changed)}); {hint} to "
+                           "resume it, or start afresh without resume_from")
+
+
+class StopSignal:
+    """Turns SIGTERM (schedulers pre-empting a job) and SIGINT (Ctrl-C) into a request the loop checks after each
+    optimizer step: it then saves a checkpoint and stops with the resume command. A second Ctrl-C stops at once."""
+
+    def __init__(self, accelerator):
+        self.accelerator, self.signum, self.previous = accelerator, 0, {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set from the main thread
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a signal on another process"
+
+    def received(self) -> bool:
+        """Whether any process got a signal (all must stop at the same step, or a barrier hangs)."""
+        if self.accelerator.num_processes == 1:
+            return bool(self.signum)
+        flag = torch.tensor([float(self.signum)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item())
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
 
 
 def _epoch_batches(accelerator, loader, progress: Progress):

@@ -55,9 +55,9 @@ def main(cfg: RecipeConfig) -> dict:
                            pooling=cfg.model.pooling, **cfg.strategy_options.get(cfg.strategy, {}))
     counts = count_parameters(model)
 
-    # Inputs are valid: only now create the output folder and the accelerator (which starts the trackers).
-    output_dir = prepare_output_dir(cfg)
-    accelerator = build_accelerator(cfg.train, output_dir)
+    # Inputs are valid: only now create (and lock) the output folder; the trackers start with training.
+    accelerator = build_accelerator(cfg.train, cfg.output_dir)
+    output_dir = prepare_output_dir(cfg, accelerator)
     accelerator.print(f"{cfg.strategy} on {cfg.model.name} at {cfg.data.image_size} px "
                       f"(native {backbone.image_size}): {counts}")
 

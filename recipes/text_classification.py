@@ -14,7 +14,7 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from peftlab import apply_strategy, count_parameters
-from peftlab.backbones import load_backbone
+from peftlab.backbones import check_max_length, load_backbone
 from peftlab.caching import frozen_feature_cache
 from peftlab.config import RecipeConfig, run_cli
 from peftlab.data.text import load_text_dataset, make_text_dataloader, tokenize_dataset
@@ -45,13 +45,14 @@ def main(cfg: RecipeConfig) -> dict:
         trust_remote_code=cfg.model.trust_remote_code, num_hidden_layers=cfg.model.num_hidden_layers,
         dropout=cfg.model.dropout,
     )
+    check_max_length(backbone, cfg.data.max_length)
     model = apply_strategy(backbone.model, cfg.strategy, head_modules=cfg.model.head_modules,
                            pooling=cfg.model.pooling, **cfg.strategy_options.get(cfg.strategy, {}))
     counts = count_parameters(model)
 
-    # Inputs are valid: only now create the output folder and the accelerator (which starts the trackers).
-    output_dir = prepare_output_dir(cfg)
-    accelerator = build_accelerator(cfg.train, output_dir)
+    # Inputs are valid: only now create (and lock) the output folder; the trackers start with training.
+    accelerator = build_accelerator(cfg.train, cfg.output_dir)
+    output_dir = prepare_output_dir(cfg, accelerator)
     accelerator.print(f"{cfg.strategy} on {cfg.model.name}: {counts}")
 
     with accelerator.main_process_first():

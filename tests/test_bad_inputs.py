@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from peftlab.config import run_cli
+from peftlab.run_folder import FINISHED, write_marker
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "text_classification.py"
@@ -32,6 +33,9 @@ def write_files(tmp_path: Path) -> Path:
     (tmp_path / "broken.yaml").write_text("train: {lr: [1e-3\n")
     (tmp_path / "finished").mkdir()
     (tmp_path / "finished" / "metrics.json").write_text("{}")
+    write_marker(tmp_path / "finished", FINISHED)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("keep")
     return tmp_path
 
 
@@ -84,8 +88,14 @@ CASES = [
     ("empty dataset", ["data.name={tmp}/empty.csv"], "empty"),
     ("a single label", ["data.name={tmp}/one_label.csv"], "fewer than 2 distinct labels"),
     ("fractional label id", ["data.name={tmp}/fractional.csv"], "0.5"),
-    ("output folder holds a run", ["output_dir={tmp}/finished"], "already holds a run"),
+    ("output folder holds a finished run", ["output_dir={tmp}/finished"], "holds a finished run"),
+    ("overwrite a folder peftlab did not make", ["output_dir={tmp}/notes", "overwrite=true"],
+     "is not a peftlab run folder"),
+    ("output folder not writable", ["output_dir=/proc/peftlab-run"], "is not writable"),
     ("resume with nothing to resume", ["resume_from=latest", "output_dir={tmp}/fresh"], "holds no run to resume"),
+    ("negative seed", ["train.seed=-1"], "train.seed: must be in [0, 2**32)"),
+    ("unknown metric for best", ["train.metric_for_best=f1"], "did you mean 'macro_f1'"),
+    ("max_length over the model's limit", ["data.max_length=100000"], "set data.max_length=512 or less"),
 ]
 
 
@@ -97,6 +107,7 @@ def test_one_line_error(case_id, arguments, fragment, files, monkeypatch):
     assert len(err_lines) == 1, err_lines
     assert fragment.replace("{tmp}", str(files)) in err_lines[0], err_lines[0]
     assert not (files / "run").exists(), "a rejected run must write nothing"
+    assert (files / "notes" / "notes.txt").read_text() == "keep" and len(list((files / "notes").iterdir())) == 1
 
 
 def test_cli_exit_code_and_no_traceback(tmp_path):

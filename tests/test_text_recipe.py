@@ -67,7 +67,7 @@ def test_existing_output_dir_is_refused(tmp_path):
     run_main(tmp_path)
     from peftlab import PeftlabError
 
-    with pytest.raises(PeftlabError, match="already holds a run"):
+    with pytest.raises(PeftlabError, match="holds a finished run; pass resume_from=latest"):
         run_main(tmp_path)
 
 
