@@ -52,7 +52,7 @@ class Progress:
     evals_since_best: int = 0
     history: list[dict] = field(default_factory=list)
     train_time_s: float = 0.0
-    """Wall time of training so far, over every resumed part (evaluation and checkpointing included)."""
+    """Wall time of training so far (evaluation and earlier checkpoints included), over every resumed part."""
     step_time_s: float = 0.0
     """Time spent in training steps so far (evaluation and checkpointing excluded)."""
     samples: int = 0

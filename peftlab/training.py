@@ -45,7 +45,7 @@ class TrainResult:
     """One dict per evaluation: {"step": N, "loss": ..., <compute_metrics keys>}."""
     global_step: int
     train_time_s: float
-    """Wall time of training, evaluation and checkpointing included, summed over a resumed run's parts."""
+    """Wall time of training and evaluation until the last checkpoint, summed over a resumed run's parts."""
     samples_per_s: float
     """Training samples over all processes per second of training steps (evaluation and checkpointing excluded)."""
     peak_memory_mb: float
@@ -213,7 +213,6 @@ def train(
                 window = []
 
             housekeeping_start = time.perf_counter()
-            progress.train_time_s = previous_time_s + housekeeping_start - start
             progress.step_time_s = previous_step_time_s + housekeeping_start - start - housekeeping_s
             progress.samples = previous_samples + samples
             last = progress.global_step >= total_steps
@@ -225,11 +224,14 @@ def train(
                 stopped_early = _patience_exhausted(progress, train_cfg)
             stop = last or stopped_early
             signalled = not stop and stop_signal.received()
+            # Recorded up to this step's checkpoint, so a finished run resumed later reports the same time.
+            progress.train_time_s = previous_time_s + time.perf_counter() - start
             if _should_save(train_cfg, progress.global_step, evaluated, improved, stop) or signalled:
                 save_checkpoint(accelerator, model, optimizer, scheduler, progress, output_dir)
             housekeeping_s += time.perf_counter() - housekeeping_start
             if signalled:
                 stop_signal.restore()
+                bar.close()
                 raise RunInterrupted(stop_signal.name, progress.global_step, str(latest_checkpoint(output_dir)))
             if stop:
                 break
@@ -243,10 +245,6 @@ def train(
     best = step_dir(output_dir, progress.best_step) if progress.best_step is not None else None
     if best is not None:
         load_trainable_weights(accelerator.unwrap_model(model), best)
-    if samples:  # this call trained; a resumed finished run keeps the figures of the run that did
-        progress.train_time_s = previous_time_s + time.perf_counter() - start
-        progress.step_time_s = previous_step_time_s + time.perf_counter() - start - housekeeping_s
-        progress.samples = previous_samples + samples
     best_metrics = next((h for h in progress.history if h["step"] == progress.best_step), {})
     return TrainResult(
         best_metrics={k: v for k, v in best_metrics.items() if k != "step"},
