@@ -58,31 +58,33 @@ def test_state_files_load_with_weights_only(tmp_path, name):
     torch.load(latest_checkpoint(tmp_path) / name, weights_only=True)  # raises on any pickled object
 
 
-def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
     cfg = tiny_config(epochs=2, checkpoint_every=3)
     reference, _, _ = run(tmp_path / "ref", cfg)
     reset_accelerate()
 
     real_save = checkpointing._save_torch
 
-    def crash_in_second_save(obj, path):
+    def full_disk_in_second_save(obj, path):
         if path.parent.name == ".tmp-step-6" and path.name == "optimizer.pt":  # weights and RNG already written
-            raise OSError("disk full (simulated)")
+            raise OSError(errno.ENOSPC, "No space left on device")
         real_save(obj, path)
 
-    monkeypatch.setattr(checkpointing, "_save_torch", crash_in_second_save)
-    with pytest.raises(OSError, match="simulated"):
+    monkeypatch.setattr(checkpointing, "_save_torch", full_disk_in_second_save)
+    root = tmp_path / "run" / "checkpoints"
+    with pytest.raises(PeftlabError, match=f"could not write checkpoint step-6 in {root} \\(no space left on device\\); "
+                                           f"the previous checkpoint {root / 'step-3'} is intact; free space, then "
+                                           "resume with resume_from=latest"):
         run(tmp_path / "run", cfg)
     monkeypatch.undo()
 
-    root = tmp_path / "run" / "checkpoints"
-    assert (root / ".tmp-step-6" / "trainable.safetensors").exists()  # the half-written save is left aside
-    assert not (root / "step-6").exists()
+    assert not (root / ".tmp-step-6").exists() and not (root / "step-6").exists()  # the half-written save is gone
     assert resolve_checkpoint("latest", tmp_path / "run") == root / "step-3"
     reset_accelerate()
-    resumed, _, _ = run(tmp_path / "run", cfg, resume_from="latest")
+    resumed, _, _ = run(tmp_path / "run", cfg, resume_from="latest")  # space freed: continues from step 3
     assert resumed.history == reference.history
-    assert not (root / ".tmp-step-6").exists()  # cleaned by the next successful save
 
 
 def test_resume_restores_trainable_batch_norm_statistics(tmp_path):
@@ -139,3 +141,50 @@ def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert expected[:2] == again[:2] and torch.equal(expected[2], again[2])
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+class _Planted:
+    """Unpickling this would run code: a weights_only load must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("planted pickle ran",))
+
+
+@pytest.mark.parametrize("damage,file,problem", [
+    (_truncate, "trainable.safetensors", "is truncated or corrupt"),
+    (lambda p: p.unlink(), "optimizer.pt", "is missing"),
+    (lambda p: p.write_text("{broken"), "progress.json", "is not a valid progress file"),
+    (lambda p: torch.save({"state": _Planted()}, p), "scheduler.pt", "holds objects other than tensors"),
+])
+def test_a_damaged_checkpoint_file_is_named_in_one_line(tmp_path, damage, file, problem, capsys):
+    run(tmp_path, tiny_config(max_steps=6, checkpoint_every=3))  # keeps step-6 (latest) and the best
+    latest = latest_checkpoint(tmp_path)
+    damage(latest / file)
+    reset_accelerate()
+    with pytest.raises(PeftlabError) as error:
+        run(tmp_path, tiny_config(max_steps=8, checkpoint_every=3), resume_from="latest")
+    message = str(error.value)
+    assert message.startswith(f"checkpoint file {latest / file} {problem}")
+    assert "\n" not in message and "weights_only=False" not in message
+    assert "resume from another checkpoint" in message or "overwrite=true" in message
+    assert "planted pickle ran" not in capsys.readouterr().out
+
+
+def test_changed_batching_is_refused_and_a_run_without_batches_never_spins(tmp_path):
+    run(tmp_path, tiny_config(max_steps=3, checkpoint_every=3))  # 64 samples / batch 8: stopped 3 batches in
+    reset_accelerate()
+    with pytest.raises(PeftlabError, match=r"other batches \(batch_size=8 -> 32, batches_per_epoch=8 -> 2\)"):
+        run(tmp_path, tiny_config(max_steps=8, batch_size=32), resume_from="latest")
+    # A checkpoint without the batching record (older peftlab) pointing past the end of the epoch: an error, not a hang.
+    progress_file = latest_checkpoint(tmp_path) / "progress.json"
+    progress = json.loads(progress_file.read_text())
+    for key in ("batch_size", "num_processes", "grad_accum_steps", "batches_per_epoch"):
+        progress.pop(key)
+    progress_file.write_text(json.dumps({**progress, "batches_in_epoch": 5}))
+    reset_accelerate()
+    with pytest.raises(PeftlabError, match="yielded no training batches"):
+        run(tmp_path, tiny_config(max_steps=8, batch_size=32), resume_from="latest")
