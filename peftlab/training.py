@@ -28,6 +28,7 @@ from peftlab.checkpointing import (
     step_dir,
 )
 from peftlab.errors import PeftlabError
+from peftlab.strategies import after_step_hook
 from peftlab.tracking import build_trackers
 
 
@@ -165,6 +166,7 @@ def train(
     stopped_early = _patience_exhausted(progress, train_cfg)  # a resumed run may have stopped early already
     stop = stopped_early or progress.global_step >= total_steps
     samples, housekeeping_s, window, micro_losses = 0, 0.0, [], []
+    after_step = after_step_hook(accelerator.unwrap_model(model))  # the strategy's own, e.g. AdaLoRA rank allocation
     model.train()
     while not stop:
         batches = _epoch_batches(accelerator, train_loader, progress)
@@ -187,6 +189,7 @@ def train(
                     if train_cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
                     optimizer.step()
+                    after_step(progress.global_step)  # before zero_grad: a hook may read the gradients
                     scheduler.step()
                     optimizer.zero_grad()
             if not accelerator.sync_gradients:
