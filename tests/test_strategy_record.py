@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -215,3 +217,29 @@ def test_strategy_registered_outside_trains_saves_loads_and_merges(external, tmp
     merged = merge(model)
     assert not any("ia3_" in n for n, _ in merged.named_parameters())
     assert (logits(merged, batch) - expected).abs().max() < 1e-4
+
+
+def test_readme_registration_examples_run(tmp_path):
+    """The README's "new strategy" snippets register working strategies (layernorm, peft's ia3) as they are written."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("A new strategy is one function plus one registration:"):readme.index("## Benchmarks")]
+    snippets = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    registered = set(list_strategies())
+    try:
+        namespace = {}
+        for snippet in snippets:
+            exec(snippet, namespace)
+        added = set(list_strategies()) - registered
+        assert added == {"layernorm", "ia3"}
+        batch = example_batch("bert")
+        for name in sorted(added):
+            model = apply_strategy(build("bert"), name)
+            train_steps(model, batch)
+            save_trained(model, tmp_path / name)
+            expected = logits(model, batch)
+            torch.testing.assert_close(logits(load_trained(build("bert"), tmp_path / name), batch), expected,
+                                       atol=1e-6, rtol=0)
+            assert (logits(merge(model), batch) - expected).abs().max() < 1e-4
+    finally:
+        for name in set(list_strategies()) - registered:
+            unregister_strategy(name)

@@ -26,6 +26,7 @@ from peftlab.strategies.registry import (
     applied_strategy,
     get_strategy,
     list_strategies,
+    peft_base_name,
     register_strategy,
     unregister_strategy,
 )
@@ -33,7 +34,7 @@ from peftlab.typed import coerce_value
 
 __all__ = ["AppliedStrategy", "Merge", "SaveFormat", "StrategyRecord", "after_step_hook", "applied_strategy",
            "apply_strategy", "freeze_norm_statistics", "get_strategy", "is_quantized", "list_strategies",
-           "parameter_groups", "register_strategy", "set_trainable", "unregister_strategy",
+           "parameter_groups", "peft_base_name", "register_strategy", "set_trainable", "unregister_strategy",
            "validate_strategy_options"]
 
 
