@@ -222,7 +222,8 @@ def test_strategy_registered_outside_trains_saves_loads_and_merges(external, tmp
 def test_readme_registration_examples_run(tmp_path):
     """The README's "new strategy" snippets register working strategies (layernorm, peft's ia3) as they are written."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme[readme.index("A new strategy is one function plus one registration:"):readme.index("## Benchmarks")]
+    start, end = readme.index("A new strategy is one function plus one registration:"), readme.index("## Benchmarks")
+    section = readme[start:end]
     snippets = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     registered = set(list_strategies())
     try:

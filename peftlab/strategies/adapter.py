@@ -74,8 +74,8 @@ def adapter_parameter_groups(model: nn.Module) -> ParameterGroups:
 
 
 @register_strategy("adapter", AdapterOptions, parameter_groups=adapter_parameter_groups, merge=Merge.NOT_FOLDABLE,
-                   cannot_merge_because="bottleneck adapters have a non-linearity, so they cannot be folded into the base "
-                                        "weights; save them with save_trained and load them with load_trained")
+                   cannot_merge_because="bottleneck adapters have a non-linearity, so they cannot be folded into the "
+                                        "base weights; save them with save_trained and load them with load_trained")
 def adapter(model: nn.Module, options: AdapterOptions, head_modules: list[str]) -> nn.Module:
     """Insert a bottleneck adapter after chosen sub-layers of every block; adapters, head (and layer norms) train."""
     blocks_name, blocks = find_blocks(model, head_modules)

@@ -70,7 +70,8 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
 
 def lora_parameter_groups(model: nn.Module) -> ParameterGroups:
     """`lora_A` and `lora_B` apart (LoRA+, Hayou et al. 2024, gives B a larger learning rate), then the usual groups."""
-    return group_parameters(model, {"lora_A": lambda name: ".lora_A." in name, "lora_B": lambda name: ".lora_B." in name})
+    return group_parameters(model, {"lora_A": lambda name: ".lora_A." in name,
+                                    "lora_B": lambda name: ".lora_B." in name})
 
 
 @register_strategy("lora", LoraOptions, save_format=SaveFormat.PEFT_ADAPTER, merge=Merge.FOLD, base_name=peft_base_name,
