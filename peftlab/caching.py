@@ -13,11 +13,12 @@ What is cached, per example (what the head reads):
   after `pooling=mean` has put the masked mean there. BERT heads read the first, RoBERTa/DistilBERT/ViT the second.
 - plain torch classifiers (`TorchImageClassifier`): the input of the single head module (EfficientNet-Lite's `_fc`).
 
-Limits: `head` strategy only (`partial` would need the hidden states entering its first trained block replayed
-into each architecture's own block loop: not done); the frozen part runs once in eval mode, so it applies no dropout
-or stochastic depth (EfficientNet's drop connect), while the head's own dropout still does; the inputs must be the
-same every epoch (no random augmentation); map-style datasets only. A head that reads anything else is caught by
-comparing the replayed logits with the real model's on one batch: then nothing is cached and a line says so.
+Limits: only strategies whose record sets `caches_frozen_features`, i.e. `head` (`partial` would need the hidden states
+entering its first trained block replayed into each architecture's own block loop: not done); the frozen part runs once
+in eval mode, so it applies no dropout or stochastic depth (EfficientNet's drop connect), while the head's own dropout
+still does; the inputs must be the same every epoch (no random augmentation); map-style datasets only. A head that reads
+anything else is caught by comparing the replayed logits with the real model's on one batch: then nothing is cached and
+a line says so.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from accelerate.utils import send_to_device
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from peftlab.heads import find_head, is_in_modules
+from peftlab.heads import is_in_modules
+from peftlab.strategies import AppliedStrategy
 
 FEATURES_KEY = "peftlab_features"
 """The batch key that carries cached features; the model's pre-hook takes it out before its forward runs."""
@@ -49,13 +51,15 @@ def frozen_feature_cache(model: nn.Module, loaders: dict[str, DataLoader], accel
     """Inside the block, `model` trains on cached frozen features served by the yielded loaders; restored on exit.
 
     Args:
-        model: a model adapted with `apply_strategy`; only strategy `head` is cached, others pass through.
+        model: a model adapted with `apply_strategy`; cached where its strategy's record says
+            `caches_frozen_features` (the `head` strategy), others pass through.
         loaders: named loaders (e.g. train and validation); each cached loader keeps its sampler and batch size,
             so batches come in the same order as from the original.
         enabled: False yields `loaders` unchanged.
         fixed_inputs: False when the inputs change every epoch (random augmentation): nothing is cached.
     """
-    if not enabled or getattr(model, "peftlab_strategy", {}).get("name") != "head":
+    applied = getattr(model, "peftlab_strategy", None)
+    if not enabled or not isinstance(applied, AppliedStrategy) or not applied.record.caches_frozen_features:
         yield loaders
         return
     try:
@@ -139,7 +143,7 @@ class ReplayHeadInput(Replay):
 
 def find_frozen_prefix(model: nn.Module) -> FrozenPrefix:
     """The frozen part below the head of a transformers task model or a wrapped plain classifier, or CannotCache."""
-    heads = model.peftlab_strategy.get("head_modules") or find_head(model)
+    heads = model.peftlab_strategy.head_modules
     training = [n for n, p in model.named_parameters() if p.requires_grad and not is_in_modules(n, heads)]
     if training:
         raise CannotCache(f"parameters outside the head {heads} train, e.g. {training[0]}")

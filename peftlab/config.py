@@ -9,13 +9,11 @@ import functools
 import inspect
 import json
 import os
-import re
 import shlex
 import signal
 import sys
 import textwrap
 import threading
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,9 @@ from typing import Any, Callable, Literal, Optional
 
 import yaml
 
+from peftlab import strategies
 from peftlab.errors import PeftlabError
+from peftlab.typed import Override, coerce_value, describe_type, parse_yaml, resolve, show_value, yaml_problem
 
 
 @dataclass
@@ -145,43 +145,6 @@ class RecipeConfig:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """`yaml.safe_load` rules plus YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-3` as the *string* "1e-3"."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
-        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def _parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
-
-
-@dataclass(frozen=True)
-class _Override:
-    """The text of one `key=value` override, parsed once its field's type is known (see `_resolve`)."""
-
-    key: str
-    text: str
-
-    def parse(self) -> Any:
-        try:
-            return _parse_yaml(self.text)
-        except yaml.YAMLError as err:
-            problem = _yaml_problem(err)
-            raise PeftlabError(f"{self.key}: cannot parse {self.text!r} as a YAML value ({problem})") from err
-
-
 # Range rules checked after the types; an unset Optional (None) always passes.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "positive": (lambda v: v > 0, "must be > 0"),
@@ -226,8 +189,8 @@ def load_config(path: Optional[str], overrides: typing.Sequence[str] = (), cls: 
         path: a YAML file of nested keys, or None.
         overrides: e.g. `["train.lr=1e-3", "strategy_options.lora.r=16", "train.max_steps=null"]`; values are YAML.
         cls: the root config dataclass.
-    Raises PeftlabError (one line naming the key) for unknown keys, wrong types, values out of range, and, when the
-    strategy registry is importable, an unknown strategy or bad options of the selected strategy.
+    Raises PeftlabError (one line naming the key) for unknown keys, wrong types, values out of range, an unknown
+    strategy, and bad options of the selected strategy.
     """
     raw = _read_yaml(path) if path is not None else {}
     for override in overrides:
@@ -258,20 +221,14 @@ def _read_yaml(path: str) -> dict:
     except OSError as err:
         raise PeftlabError(f"cannot read config file {path}: {err.strerror or err}") from err
     try:
-        data = _parse_yaml(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as err:
-        raise PeftlabError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from err
+        raise PeftlabError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from err
     if data is None:  # an empty file means all defaults
         return {}
     if not isinstance(data, dict):
         raise PeftlabError(f"config file {path} must hold a mapping of keys to values, got a {type(data).__name__}")
     return data
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def _apply_override(raw: dict, override: str) -> None:
@@ -285,12 +242,12 @@ def _apply_override(raw: dict, override: str) -> None:
     node = raw
     for part in parts[:-1]:
         child = node.get(part)
-        if isinstance(child, _Override):  # `x={a: 1}` then `x.b=2`: parse the earlier text into its mapping
+        if isinstance(child, Override):  # `x={a: 1}` then `x.b=2`: parse the earlier text into its mapping
             child = child.parse()
         # The override wins over a non-mapping value of the same section (its own type check happens later).
         node[part] = child if isinstance(child, dict) else {}
         node = node[part]
-    node[parts[-1]] = _Override(key, text.strip())
+    node[parts[-1]] = Override(key, text.strip())
 
 
 def _build(cls: type, data: dict, prefix: str) -> Any:
@@ -304,12 +261,12 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     for name in names:
         key, hint = prefix + name, hints[name]
         if dataclasses.is_dataclass(hint):
-            section = _resolve(data.get(name), None)
+            section = resolve(data.get(name), None)
             if section is None:  # missing, or a YAML header whose keys are all commented out
                 section = {}
             if not isinstance(section, dict):
                 raise PeftlabError(
-                    f"{key}: expected a mapping of {key}.* keys, got {_show(section)}; "
+                    f"{key}: expected a mapping of {key}.* keys, got {show_value(section)}; "
                     f"set one key with {key}.<name>=value"
                 )
             kwargs[name] = _build(hint, section, key + ".")
@@ -352,104 +309,9 @@ def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _resolve(value: Any, hint: Any) -> Any:
-    """Parse an override's text; a `str` field keeps the typed text where YAML would turn it into a bool/number/date."""
-    if not isinstance(value, _Override):
-        return value
-    parsed = value.parse()
-    # `data.name=yes` or `output_dir=2024` mean the text, not True or 2024; quotes and null still work as in YAML.
-    if _accepts_str(hint) and not isinstance(parsed, (str, list, dict, type(None))):
-        return value.text
-    return parsed
-
-
-def _plain(value: Any) -> Any:
-    """Resolve every override inside `value` to plain YAML data (for untyped mappings such as strategy options)."""
-    value = _resolve(value, None)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
-def coerce_value(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against type `hint` and return it in canonical form (int -> float), or raise naming `key`."""
-    value = _resolve(value, hint)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if _is_union(hint):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is not type(None):
-                try:
-                    return coerce_value(value, arg, key)
-                except PeftlabError:
-                    pass
-    elif origin is Literal:
-        # YAML 1.1 reads a bare `no`/`yes` as a bool; give it back its text where that text is a choice.
-        if isinstance(value, bool) and {False: "no", True: "yes"}[value] in args:
-            value = {False: "no", True: "yes"}[value]
-        # `type(...) is` too: True == 1 must not pass for a Literal[1], nor 1 for a Literal[True].
-        if any(value == choice and type(value) is type(choice) for choice in args):
-            return value
-    elif origin is list or hint is list:
-        if isinstance(value, list):
-            return [coerce_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else _plain(value)
-    elif origin is dict or hint is dict:
-        if isinstance(value, dict):
-            key_hint, value_hint = args or (Any, Any)
-            return {coerce_value(k, key_hint, key): coerce_value(v, value_hint, f"{key}.{k}") for k, v in value.items()}
-    elif hint is Any:
-        return _plain(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint in (bool, str):
-        if isinstance(value, hint):
-            return value
-    else:
-        raise TypeError(f"config field {key} has a type the loader does not support: {hint}")
-    raise PeftlabError(f"{key}: expected {_describe(hint)}, got {_show(value)}")
-
-
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType)
-
-
-def _accepts_str(hint: Any) -> bool:
-    return hint is str or (_is_union(hint) and str in typing.get_args(hint))
-
-
-def _describe(hint: Any) -> str:
-    """A type as users read it: `int or null`, `one of adamw, sgd`, `list of str`."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if _is_union(hint):
-        return " or ".join(_describe(arg) for arg in args)
-    if origin is Literal:
-        return "one of " + ", ".join(str(choice) for choice in args)
-    if origin is list:
-        return f"list of {_describe(args[0])}" if args else "list"
-    if origin is dict:
-        return f"mapping of {_describe(args[0])} to {_describe(args[1])}" if args else "mapping"
-    names = {type(None): "null", bool: "bool (true/false)", dict: "mapping", Any: "any value"}
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _show(value: Any) -> str:
-    return "null" if value is None else f"{value!r} ({type(value).__name__})"
-
-
 def _check_strategy(name: str, all_options: dict[str, dict]) -> None:
     """Reject an unknown strategy and bad options of the selected one through the strategy registry's own check."""
-    try:
-        from peftlab.strategies import list_strategies, validate_strategy_options
-    except ImportError:  # configs still load where the registry (torch) cannot be imported
-        return
-    known = list_strategies()
+    known = strategies.list_strategies()
     for key, strategy in [("strategy", name)] + [(f"strategy_options.{s}", s) for s in all_options]:
         if strategy not in known:
             close = difflib.get_close_matches(strategy, known, n=1)
@@ -457,7 +319,7 @@ def _check_strategy(name: str, all_options: dict[str, dict]) -> None:
             raise PeftlabError(f"{key}: unknown strategy {strategy!r}{hint} (choose one of: {', '.join(known)})")
     # Only the selected strategy's options are used, so only they are checked.
     try:
-        validate_strategy_options(name, all_options.get(name, {}))
+        strategies.validate_strategy_options(name, all_options.get(name, {}))
     except PeftlabError as err:
         raise PeftlabError(f"strategy_options.{name}: {err}") from err
 
@@ -498,7 +360,7 @@ def config_help(cls: type = RecipeConfig, prefix: str = "") -> str:
             lines.append(config_help(hint, f"{prefix}{f.name}."))
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines.append(f"  {prefix}{f.name}: {_describe(hint)} = {json.dumps(default)}")
+        lines.append(f"  {prefix}{f.name}: {describe_type(hint)} = {json.dumps(default)}")
         if f.name in field_docs(cls):
             lines.append(f"      {field_docs(cls)[f.name]}")
     return "\n".join(lines)

@@ -48,15 +48,28 @@ def is_in_modules(param_name: str, module_names: Sequence[str]) -> bool:
 
 def find_blocks(model: nn.Module, head_modules: Sequence[str] = ()) -> tuple[str, nn.ModuleList]:
     """The model's stack of repeated blocks: the ModuleList holding the most parameters outside the head."""
+    found = find_blocks_if_any(model, head_modules)
+    if found is None:
+        raise PeftlabError(
+            f"cannot find a stack of repeated blocks (an nn.ModuleList) in {type(model).__name__}; "
+            "strategies `partial` and `adapter` need one"
+        )
+    return found
+
+
+def find_blocks_if_any(model: nn.Module, head_modules: Sequence[str] = ()) -> Optional[tuple[str, nn.ModuleList]]:
+    """`find_blocks`, or None for a model without a stack of repeated blocks."""
     best: tuple[int, str, Optional[nn.ModuleList]] = (0, "", None)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0 and not is_in_modules(name, head_modules):
             size = sum(p.numel() for p in module.parameters())
             if size > best[0]:
                 best = (size, name, module)
-    if best[2] is None:
-        raise PeftlabError(
-            f"cannot find a stack of repeated blocks (an nn.ModuleList) in {type(model).__name__}; "
-            "strategies `partial` and `adapter` need one"
-        )
-    return best[1], best[2]
+    return None if best[2] is None else (best[1], best[2])
+
+
+def names_above_blocks(names: Sequence[str], blocks_name: str) -> set[str]:
+    """Of parameter names in registration order, those after the block stack's (pooler, final norm, conv head):
+    they sit above the blocks in the forward pass."""
+    last = max(i for i, n in enumerate(names) if is_in_modules(n, [blocks_name]))
+    return set(names[last + 1:])

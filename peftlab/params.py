@@ -9,9 +9,8 @@ from typing import Optional, Sequence
 from torch import nn
 
 from peftlab.heads import find_head, is_in_modules
-
-# peft wraps a saved head as `<head>.modules_to_save.default` beside a frozen `<head>.original_module`.
-_PEFT_PREFIX = "base_model.model."
+from peftlab.strategies import AppliedStrategy
+from peftlab.strategies.registry import same_name
 
 
 @dataclass(frozen=True)
@@ -42,36 +41,26 @@ def parameter_numel(param: nn.Parameter) -> int:
     return param.numel()
 
 
-def _canonical_name(name: str) -> str:
-    """Strip peft's wrapping so names match the base model's."""
-    if name.startswith(_PEFT_PREFIX):
-        name = name[len(_PEFT_PREFIX):]
-    return name.replace(".modules_to_save.default.", ".")
-
-
 def count_parameters(model: nn.Module, head_modules: Optional[Sequence[str]] = None) -> ParameterCount:
     """Trainable and total parameters, and the trainable count without the task head.
 
-    The total is the base model's size: peft's frozen copy of a saved head (`original_module`) is not counted twice.
+    The total is the base model's size: a frozen duplicate the strategy keeps (peft's `original_module` copy of a
+    head it trains) is not counted twice. Where the head sits is the strategy record's `base_name`.
     """
+    applied = getattr(model, "peftlab_strategy", None)
+    base_name = applied.record.base_name if isinstance(applied, AppliedStrategy) else same_name
     if head_modules is None:
-        strategy = getattr(model, "peftlab_strategy", None)
-        head_modules = strategy["head_modules"] if strategy else find_head(_unwrap(model))
+        head_modules = applied.head_modules if isinstance(applied, AppliedStrategy) else find_head(model)
     trainable = total = head = trainable_head = 0
     for name, param in model.named_parameters():
-        if ".original_module." in name:
+        name = base_name(name)
+        if name is None:
             continue
         n = parameter_numel(param)
         total += n
-        in_head = is_in_modules(_canonical_name(name), head_modules)
+        in_head = is_in_modules(name, head_modules)
         head += n if in_head else 0
         if param.requires_grad:
             trainable += n
             trainable_head += n if in_head else 0
     return ParameterCount(trainable, total, head, trainable - trainable_head)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers/torch model under a peft wrapper."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model

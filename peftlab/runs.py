@@ -5,7 +5,8 @@ Layout of `output_dir`:
     metrics.json       validation and test metrics, parameter counts, train time, throughput, peak memory
     log.jsonl          the training log (plus TensorBoard event files under the tracker folders)
     README.md          a model card
-    model/             what trained: a peft adapter for LoRA, the whole model for full, else the trained tensors
+    model/             what trained, in the strategy's save format (peftlab.saving): a peft adapter for LoRA, the
+                       whole model for full, else the trained tensors
     checkpoints/       resumable checkpoints (latest and best)
 """
 
@@ -21,6 +22,7 @@ from peftlab.errors import PeftlabError
 from peftlab.params import ParameterCount
 from peftlab.run_folder import FolderState
 from peftlab.saving import save_trained
+from peftlab.strategies import SaveFormat, get_strategy
 
 MODEL_SUBDIR = "model"
 METRICS_FILE = "metrics.json"
@@ -114,7 +116,7 @@ def model_card(cfg: RecipeConfig, task: str, metrics: dict[str, Any], counts: Pa
     options = cfg.strategy_options.get(cfg.strategy, {})
     loading = (
         "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"model\")\n```"
-        if cfg.strategy == "lora" else
+        if get_strategy(cfg.strategy).save_format is SaveFormat.PEFT_ADAPTER else
         "```python\nfrom peftlab.saving import load_trained\nmodel = load_trained(base_model, \"model\")\n```"
     )
     return f"""---

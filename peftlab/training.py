@@ -31,6 +31,7 @@ from peftlab.checkpointing import (
     step_dir,
 )
 from peftlab.errors import PeftlabError, RunInterrupted
+from peftlab.strategies import after_step_hook
 from peftlab.tracking import build_trackers
 
 
@@ -172,6 +173,7 @@ def train(
     stopped_early = _patience_exhausted(progress, train_cfg)  # a resumed run may have stopped early already
     stop = stopped_early or progress.global_step >= total_steps
     samples, housekeeping_s, window, micro_losses = 0, 0.0, [], []
+    after_step = after_step_hook(accelerator.unwrap_model(model))  # the strategy's own, e.g. AdaLoRA rank allocation
     stop_signal = StopSignal(accelerator)
     model.train()
     while not stop:
@@ -196,6 +198,7 @@ def train(
                     if train_cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
                     optimizer.step()
+                    after_step(progress.global_step)  # before zero_grad: a hook may read the gradients
                     scheduler.step()
                     optimizer.zero_grad()
             if not accelerator.sync_gradients:

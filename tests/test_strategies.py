@@ -205,7 +205,7 @@ def test_parameter_count_rules():
 
 
 def test_registry_accepts_a_new_strategy():
-    from peftlab.strategies import _REGISTRY, register_strategy, set_trainable
+    from peftlab.strategies import register_strategy, set_trainable, unregister_strategy
     from dataclasses import dataclass
 
     @dataclass
@@ -222,7 +222,8 @@ def test_registry_accepts_a_new_strategy():
         model = apply_strategy(build("bert"), "test-only-attention")
         assert all("attention" in n for n, p in model.named_parameters() if p.requires_grad)
     finally:
-        _REGISTRY.pop("test-only-attention")
+        unregister_strategy("test-only-attention")
+    assert "test-only-attention" not in list_strategies()
 
 
 @pytest.mark.parametrize("call,message", [
@@ -235,7 +236,7 @@ def test_registry_accepts_a_new_strategy():
     (lambda: apply_strategy(build("bert"), "partial", top_k=5), "exceeds the model's 2 blocks"),
     (lambda: apply_strategy(build("cnn"), "adapter", kind="houlsby"), "use strategy_options.adapter.kind=pfeiffer"),
     (lambda: apply_strategy(build("bert"), "head", head_modules=["cls_head"]), "not found"),
-    (lambda: merge(adapt("bert", "adapter", {})), "cannot be folded"),
+    (lambda: merge(adapt("bert", "adapter", {})), "strategy 'adapter' cannot merge: bottleneck adapters"),
     (lambda: apply_strategy(build("bert"), "head", pooling="max"), "pooling='max' is not supported"),
 ])
 def test_clear_errors(call, message):

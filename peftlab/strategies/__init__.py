@@ -1,56 +1,41 @@
 """The strategy registry: `apply_strategy(model, name, **options)` adapts any backbone with one call.
 
 A strategy is a plain function `(model, options, head_modules) -> model` that freezes, wraps or injects.
-It never trains, logs or saves. Register a new one with `@register_strategy("name", OptionsDataclass)`.
+It never trains, logs or saves. Register a new one with `@register_strategy("name", OptionsDataclass, ...)`, whose
+keyword arguments fill its `StrategyRecord` (how it saves, loads and merges, caching, parameter groups, an after-step
+hook; see `peftlab.strategies.registry`). The rest of peftlab reads that record, never the strategy's name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
-from peftlab.config import coerce_value
 from peftlab.errors import PeftlabError
 from peftlab.heads import find_head
 from peftlab.pooling import POOLINGS, apply_mean_pooling
+from peftlab.strategies.groups import ParameterGroups
+from peftlab.strategies.registry import (
+    AppliedStrategy,
+    Merge,
+    SaveFormat,
+    StrategyRecord,
+    applied_strategy,
+    get_strategy,
+    list_strategies,
+    peft_base_name,
+    register_strategy,
+    unregister_strategy,
+)
+from peftlab.typed import coerce_value
 
-
-@dataclass(frozen=True)
-class Strategy:
-    name: str
-    fn: Callable[[nn.Module, Any, list[str]], nn.Module]
-    options_cls: type
-
-
-_REGISTRY: dict[str, Strategy] = {}
-
-
-def register_strategy(name: str, options_cls: type):
-    """Decorator adding a strategy function under `name`, with its options dataclass."""
-
-    def decorator(fn):
-        if name in _REGISTRY:
-            raise ValueError(f"strategy {name!r} is already registered")
-        _REGISTRY[name] = Strategy(name, fn, options_cls)
-        return fn
-
-    return decorator
-
-
-def list_strategies() -> list[str]:
-    """Names of all registered strategies."""
-    return sorted(_REGISTRY)
-
-
-def get_strategy(name: str) -> Strategy:
-    """The registered strategy called `name`, or a one-line error listing the choices."""
-    if name not in _REGISTRY:
-        raise PeftlabError(f"unknown strategy {name!r}; choose one of {list_strategies()}")
-    return _REGISTRY[name]
+__all__ = ["AppliedStrategy", "Merge", "SaveFormat", "StrategyRecord", "after_step_hook", "applied_strategy",
+           "apply_strategy", "freeze_norm_statistics", "get_strategy", "is_quantized", "list_strategies",
+           "parameter_groups", "peft_base_name", "register_strategy", "set_trainable", "unregister_strategy",
+           "validate_strategy_options"]
 
 
 def validate_strategy_options(name: str, options: Optional[dict] = None) -> Any:
@@ -81,7 +66,8 @@ def apply_strategy(model: nn.Module, name: str, head_modules: Optional[Sequence[
         pooling: what the head of a transformers encoder sees: `cls` (the model's own first-token/pooler
             features) or `mean` (masked mean of the last hidden states; see `peftlab.pooling`).
         **options: the strategy's options (e.g. `r=8` for `lora`).
-    Returns the adapted model (the same object, or a peft wrapper for `lora`), tagged with `peftlab_strategy`.
+    Returns the adapted model (the same object, or a peft wrapper for `lora`), tagged with `peftlab_strategy` (an
+    `AppliedStrategy`).
     """
     built = validate_strategy_options(name, options)
     heads = find_head(model, head_modules)
@@ -91,10 +77,24 @@ def apply_strategy(model: nn.Module, name: str, head_modules: Optional[Sequence[
         apply_mean_pooling(model)
     adapted = get_strategy(name).fn(model, built, heads)
     freeze_norm_statistics(adapted)
-    # What save/load need to rebuild the same model on a fresh base.
-    adapted.peftlab_strategy = {"name": name, "options": dataclasses.asdict(built), "head_modules": heads,
-                                "pooling": pooling}
+    # What save/load need to rebuild the same model on a fresh base, and the way to its record.
+    adapted.peftlab_strategy = AppliedStrategy(name, dataclasses.asdict(built), heads, pooling)
     return adapted
+
+
+def parameter_groups(model: nn.Module) -> ParameterGroups:
+    """The trainable parameters of an adapted model by group, bottom to top (see `peftlab.strategies.groups`)."""
+    return applied_strategy(model).record.parameter_groups(model)
+
+
+def after_step_hook(model: nn.Module) -> Callable[[int], None]:
+    """`hook(step)` for the training loop to call after each optimizer step: the model's strategy's
+    `after_optimizer_step` bound to `model`, or a no-op (also for models peftlab did not adapt)."""
+    applied = getattr(model, "peftlab_strategy", None)
+    hook = applied.record.after_optimizer_step if isinstance(applied, AppliedStrategy) else None
+    if hook is None:
+        return lambda step: None
+    return lambda step: hook(model, step)
 
 
 def set_trainable(model: nn.Module, predicate: Callable[[str, nn.Parameter], bool]) -> None:

@@ -10,7 +10,8 @@ from torch import nn
 from peftlab.errors import PeftlabError
 from peftlab.heads import find_blocks, is_in_modules
 from peftlab.modules.bottleneck import ADAPTER_PREFIX, AdaptedLayer, BottleneckAdapter, output_features
-from peftlab.strategies import register_strategy, set_trainable
+from peftlab.strategies import Merge, register_strategy, set_trainable
+from peftlab.strategies.groups import ParameterGroups, group_parameters
 
 # Output projections of each block's sub-layers, by naming scheme (matched as name suffixes inside a block).
 # BERT/RoBERTa/ELECTRA: attention.output.dense / output.dense; DistilBERT: attention.out_lin / ffn.lin2;
@@ -62,7 +63,19 @@ def find_adapter_locations(block: nn.Module, options: AdapterOptions) -> list[st
     return attention + ffn
 
 
-@register_strategy("adapter", AdapterOptions)
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a parameter belongs to an injected bottleneck adapter."""
+    return f".{ADAPTER_PREFIX}." in name
+
+
+def adapter_parameter_groups(model: nn.Module) -> ParameterGroups:
+    """The bottleneck adapters of all blocks in one group, then the usual groups (trained layer norms, head)."""
+    return group_parameters(model, {"adapters": is_adapter_parameter})
+
+
+@register_strategy("adapter", AdapterOptions, parameter_groups=adapter_parameter_groups, merge=Merge.NOT_FOLDABLE,
+                   cannot_merge_because="bottleneck adapters have a non-linearity, so they cannot be folded into the "
+                                        "base weights; save them with save_trained and load them with load_trained")
 def adapter(model: nn.Module, options: AdapterOptions, head_modules: list[str]) -> nn.Module:
     """Insert a bottleneck adapter after chosen sub-layers of every block; adapters, head (and layer norms) train."""
     blocks_name, blocks = find_blocks(model, head_modules)
@@ -83,7 +96,7 @@ def adapter(model: nn.Module, options: AdapterOptions, head_modules: list[str]) 
             setattr(parent, child_name, AdaptedLayer(layer, module.to(_device_of(layer))))
     train_norms = options.train_layer_norms if options.train_layer_norms is not None else options.kind == "houlsby"
     norms = [f"{blocks_name}.{n}" for n, m in blocks.named_modules() if isinstance(m, nn.LayerNorm)] if train_norms else []
-    set_trainable(model, lambda name, p: f".{ADAPTER_PREFIX}." in name or is_in_modules(name, head_modules + norms))
+    set_trainable(model, lambda name, p: is_adapter_parameter(name) or is_in_modules(name, head_modules + norms))
     return model
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.heads import find_blocks, is_in_modules
-from peftlab.strategies import is_quantized, register_strategy, set_trainable
+from peftlab.heads import find_blocks, is_in_modules, names_above_blocks
+from peftlab.strategies import SaveFormat, is_quantized, register_strategy, set_trainable
 
 
 @dataclass
@@ -25,7 +25,7 @@ class PartialOptions:
             raise PeftlabError(f"strategy 'partial' option top_k={self.top_k} must be >= 1")
 
 
-@register_strategy("full", NoOptions)
+@register_strategy("full", NoOptions, save_format=SaveFormat.WHOLE_MODEL)
 def full(model: nn.Module, options: NoOptions, head_modules: list[str]) -> nn.Module:
     """Full fine-tuning: every parameter trains."""
     if is_quantized(model):
@@ -34,7 +34,7 @@ def full(model: nn.Module, options: NoOptions, head_modules: list[str]) -> nn.Mo
     return model
 
 
-@register_strategy("head", NoOptions)
+@register_strategy("head", NoOptions, caches_frozen_features=True)
 def head(model: nn.Module, options: NoOptions, head_modules: list[str]) -> nn.Module:
     """Linear probe: the backbone is frozen, the task head trains (pick its features with apply_strategy's `pooling`)."""
     set_trainable(model, lambda name, p: is_in_modules(name, head_modules))
@@ -50,10 +50,7 @@ def partial(model: nn.Module, options: PartialOptions, head_modules: list[str]) 
     if options.top_k > len(blocks):
         raise PeftlabError(f"strategy 'partial' option top_k={options.top_k} exceeds the model's {len(blocks)} blocks")
     trained_blocks = [f"{blocks_name}.{i}" for i in range(len(blocks) - options.top_k, len(blocks))]
-    # Parameters registered after the block stack (pooler, final norm, conv head) sit above it in the forward pass.
-    names = [name for name, _ in model.named_parameters()]
-    after_blocks = max(i for i, n in enumerate(names) if is_in_modules(n, [blocks_name]))
-    above = set(names[after_blocks + 1:])
+    above = names_above_blocks([name for name, _ in model.named_parameters()], blocks_name)
     set_trainable(model, lambda name, p: is_in_modules(name, trained_blocks + head_modules) or name in above)
     return model
 

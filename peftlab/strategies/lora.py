@@ -9,7 +9,9 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.heads import is_in_modules
-from peftlab.strategies import register_strategy
+from peftlab.strategies import Merge, SaveFormat, register_strategy
+from peftlab.strategies.groups import ParameterGroups, group_parameters
+from peftlab.strategies.registry import peft_base_name
 
 # Query/value projections per naming scheme, tried in order: BERT/RoBERTa/ELECTRA, DistilBERT,
 # transformers-5 ViT and decoder models, fused-qkv models, GPT-2; then ConvNeXt's pointwise layers.
@@ -66,7 +68,14 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
         )
 
 
-@register_strategy("lora", LoraOptions)
+def lora_parameter_groups(model: nn.Module) -> ParameterGroups:
+    """`lora_A` and `lora_B` apart (LoRA+, Hayou et al. 2024, gives B a larger learning rate), then the usual groups."""
+    return group_parameters(model, {"lora_A": lambda name: ".lora_A." in name,
+                                    "lora_B": lambda name: ".lora_B." in name})
+
+
+@register_strategy("lora", LoraOptions, save_format=SaveFormat.PEFT_ADAPTER, merge=Merge.FOLD, base_name=peft_base_name,
+                   parameter_groups=lora_parameter_groups)
 def lora(model: nn.Module, options: LoraOptions, head_modules: list[str]) -> nn.Module:
     """Low-rank updates W + (alpha/r)·B·A on the target modules (B zero-initialised); the head trains in full."""
     from peft import LoraConfig, get_peft_model

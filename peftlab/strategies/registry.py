@@ -1,0 +1,166 @@
+"""What each strategy declares to the rest of peftlab (its `StrategyRecord`), and the registry of those records.
+
+A strategy is a plain function `(model, options, head_modules) -> model` plus a record saying how its models save,
+load and merge, whether frozen-feature caching applies, where the base model's parameters (and so the head) sit in
+the adapted model, how its trainable parameters group, and what the training loop calls after each optimizer step.
+Saving, merging, counting, caching and the model card read the record; no module outside a strategy's own file
+compares strategy names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from peftlab.errors import PeftlabError
+from peftlab.strategies.groups import ParameterGroups, group_parameters
+
+
+class SaveFormat(enum.Enum):
+    """How `peftlab.saving.save_trained` writes an adapted model and `load_trained` reads it back."""
+
+    PEFT_ADAPTER = "peft_adapter"
+    """The model is a peft wrapper: peft's `adapter_config.json` + `adapter_model.safetensors`
+    (`peft.PeftModel.from_pretrained` loads it)."""
+    WHOLE_MODEL = "whole_model"
+    """The whole model through its own `save_pretrained` (its `from_pretrained` loads it); a model without
+    `save_pretrained` is saved as TRAINED_TENSORS."""
+    TRAINED_TENSORS = "trained_tensors"
+    """Only the trained tensors, in `peftlab_trainable.safetensors`, loaded onto a fresh base adapted the same way."""
+
+
+class Merge(enum.Enum):
+    """What `peftlab.saving.merge` does with an adapted model."""
+
+    FOLD = "fold"
+    """peft's `merge_and_unload` folds the update into the base weights exactly (LoRA: W' = W + (alpha/r)·B·A)."""
+    PLAIN = "plain"
+    """Nothing to fold: the model already is a plain model of the base architecture (only what trains changed)."""
+    NOT_FOLDABLE = "not_foldable"
+    """Refused with one line giving the record's `cannot_merge_because`."""
+
+
+def same_name(name: str) -> Optional[str]:
+    """`StrategyRecord.base_name` of strategies that leave the model's structure (and parameter names) as it was."""
+    return name
+
+
+# peft wraps the base model as `base_model.model`, and a saved head as `<head>.modules_to_save.default` beside its
+# frozen original `<head>.original_module`.
+_PEFT_PREFIX = "base_model.model."
+
+
+def peft_base_name(name: str) -> Optional[str]:
+    """`StrategyRecord.base_name` of strategies that wrap the model with peft (`get_peft_model`, `modules_to_save`)."""
+    if ".original_module." in name:
+        return None  # the frozen copy of a head that peft trains as `modules_to_save`: the head is counted once
+    return name.removeprefix(_PEFT_PREFIX).replace(".modules_to_save.default.", ".")
+
+
+@dataclass(frozen=True)
+class StrategyRecord:
+    """One registered strategy: its function, its options, and what the rest of peftlab needs to know about it."""
+
+    name: str
+    fn: Callable[[nn.Module, Any, list[str]], nn.Module]
+    """`(model, options, head_modules) -> adapted model`: freezes, wraps or injects; never trains, logs or saves."""
+    options_cls: type
+    """The options dataclass; its fields are checked like config keys, and a `validate()` method runs after."""
+    save_format: SaveFormat = SaveFormat.TRAINED_TENSORS
+    merge: Merge = Merge.PLAIN
+    cannot_merge_because: str = ""
+    """Why merging is refused (required with Merge.NOT_FOLDABLE), and what to do instead."""
+    caches_frozen_features: bool = False
+    """Everything below the head is frozen, so `peftlab.caching` may run it once and train on its outputs."""
+    base_name: Callable[[str], Optional[str]] = same_name
+    """Where the base model's parameters, the head's included, sit in the adapted model: an adapted parameter's name
+    as the base model names it, or None for a frozen duplicate that is not counted."""
+    parameter_groups: Callable[[nn.Module], ParameterGroups] = group_parameters
+    """`model -> {group: trainable parameters}`: disjoint groups covering exactly the trainable parameters, bottom to
+    top (see `peftlab.strategies.groups`); method-specific groups (LoRA's A and B) come first."""
+    after_optimizer_step: Optional[Callable[[nn.Module, int], None]] = None
+    """Called by the training loop as `hook(model, step)` right after each optimizer step, before the gradients are
+    zeroed; `step` counts from 0 (e.g. peft AdaLoRA's `model.base_model.update_and_allocate(step)`)."""
+
+    def __post_init__(self):
+        if (self.merge is Merge.NOT_FOLDABLE) != bool(self.cannot_merge_because):
+            raise ValueError(f"strategy {self.name!r}: give cannot_merge_because exactly when merge=Merge.NOT_FOLDABLE")
+
+
+_REGISTRY: dict[str, StrategyRecord] = {}
+
+
+def register_strategy(name: str, options_cls: type, **record_fields: Any):
+    """Decorator adding a strategy function under `name`, with its options dataclass and its record.
+
+    Args:
+        record_fields: `StrategyRecord` fields after `options_cls` (`save_format`, `merge`, `cannot_merge_because`,
+            `caches_frozen_features`, `base_name`, `parameter_groups`, `after_optimizer_step`); the defaults fit a
+            strategy that only chooses what trains.
+    """
+
+    def decorator(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"strategy {name!r} is already registered")
+        _REGISTRY[name] = StrategyRecord(name, fn, options_cls, **record_fields)
+        return fn
+
+    return decorator
+
+
+def unregister_strategy(name: str) -> None:
+    """Remove strategy `name` from the registry (tests and notebooks that register their own)."""
+    del _REGISTRY[name]
+
+
+def list_strategies() -> list[str]:
+    """Names of all registered strategies."""
+    return sorted(_REGISTRY)
+
+
+def get_strategy(name: str) -> StrategyRecord:
+    """The record of the strategy called `name`, or a one-line error listing the choices."""
+    if name not in _REGISTRY:
+        raise PeftlabError(f"unknown strategy {name!r}; choose one of {list_strategies()}")
+    return _REGISTRY[name]
+
+
+@dataclass(frozen=True)
+class AppliedStrategy:
+    """What `apply_strategy` did to a model, attached as `model.peftlab_strategy`: enough to redo it on a fresh base.
+
+    Saved as `peftlab_strategy.json` with these four keys (the format of folders written before this class existed).
+    """
+
+    name: str
+    options: dict[str, Any]
+    """The strategy's options as plain data (`dataclasses.asdict` of its options dataclass)."""
+    head_modules: list[str]
+    """The task head's module names in the base model."""
+    pooling: str = "cls"
+
+    @property
+    def record(self) -> StrategyRecord:
+        return get_strategy(self.name)
+
+    def to_json(self) -> dict[str, Any]:
+        """The `peftlab_strategy.json` content."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "AppliedStrategy":
+        """Read `peftlab_strategy.json` content; folders saved before `pooling` existed pooled as `cls`."""
+        return cls(data["name"], data.get("options", {}), list(data["head_modules"]), data.get("pooling", "cls"))
+
+
+def applied_strategy(model: nn.Module) -> AppliedStrategy:
+    """The strategy `apply_strategy` attached to `model`, or a one-line error when there is none."""
+    applied = getattr(model, "peftlab_strategy", None)
+    if not isinstance(applied, AppliedStrategy):
+        raise PeftlabError(f"this {type(model).__name__} was not adapted with peftlab.apply_strategy, "
+                           "so it has no strategy record")
+    return applied
