@@ -125,12 +125,19 @@ def check_max_length(backbone: Backbone, max_length: int) -> None:
 
 
 def set_dropout(model: nn.Module, probability: float) -> None:
-    """Set p of every nn.Dropout in the model: one knob for any architecture (config names differ per model)."""
+    """Set p of every nn.Dropout in the model: one knob for any architecture (config names differ per model).
+
+    0 also turns off EfficientNet's drop connect (stochastic depth), so that a run draws no random masks.
+    """
     if not 0 <= probability < 1:
         raise PeftlabError(f"dropout must be in [0, 1), got {probability}")
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = probability
+        params = getattr(module, "_global_params", None)
+        if probability == 0 and getattr(params, "drop_connect_rate", None):
+            # EfficientNet's stochastic depth is a function, not a module; 0 means no random masks at all.
+            module._global_params = params._replace(drop_connect_rate=0.0)
 
 
 def _load(name: str, *, task: Task, num_labels: int, label_names: Optional[Sequence[str]], quantization: Quantization,

@@ -39,7 +39,8 @@ class ModelConfig:
     num_hidden_layers: Optional[int] = None
     """Keep only the first N layers of a text backbone (fast smoke runs)."""
     dropout: Optional[float] = None
-    """Probability of every dropout layer of the backbone; unset keeps the model's own (0.1 for BERT-like models)."""
+    """Probability of every dropout layer of the backbone; unset keeps the model's own (0.1 for BERT-like models).
+    0 also turns off EfficientNet's drop connect."""
     pooling: Literal["cls", "mean"] = "cls"
     """What the head of a text encoder sees: `cls` (the model's own first-token/pooler features) or `mean`
     (masked mean of the last hidden states; what sentence encoders such as MiniLM were trained for)."""
