@@ -13,7 +13,7 @@ from PIL import Image
 GRADIENT_16BIT = (np.arange(16 * 64).reshape(16, 64) * 64).astype(np.uint16)
 
 
-def noise_image(size: int = 32) -> Image.Image:
+def noise_image(size: int = 64) -> Image.Image:
     return Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8))
 
 

@@ -25,6 +25,7 @@ from peftlab.data import (
 )
 from peftlab.data.text import SeededLengthGroupedSampler
 from peftlab.errors import PeftlabError
+from tests import bad_images
 
 WORDS = ["good", "bad", "film", "plot", "actor", "scene"]
 
@@ -380,6 +381,41 @@ def test_image_folder_errors_name_the_culprit(tmp_path):
         target = str(tmp_path / name) if name != "animal-mnist" else name
         with pytest.raises(PeftlabError, match=fragment):
             load_image_dataset(target)
+
+
+@pytest.mark.parametrize("writer, fragment", [
+    (bad_images.write_truncated_jpeg, "is not a readable image (image file is truncated"),
+    (bad_images.write_broken_pixels_png, "is not a readable image (broken data stream when reading image file)"),
+    (bad_images.write_decompression_bomb, "is too large to decode safely (Image size (100000000 pixels) exceeds"),
+])
+def test_undecodable_images_are_refused_when_loading_not_mid_training(tmp_path, writer, fragment):
+    # Each of these opens and passes verify(): only decoding the pixels finds the fault.
+    class_folders(tmp_path)
+    bad = writer(tmp_path / "cat" / ("bad.jpg" if writer is bad_images.write_truncated_jpeg else "bad.png"))
+    if writer is not bad_images.write_decompression_bomb:
+        with Image.open(bad) as image:
+            image.verify()  # the header check the loader used to rely on passes
+    with pytest.raises(PeftlabError) as error:
+        load_image_dataset(str(tmp_path))
+    assert str(error.value).startswith(f"{str(bad)!r} {fragment}"), str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_16bit_grayscale_images_keep_their_shades(tmp_path):
+    class_folders(tmp_path)
+    bad_images.write_16bit_png(tmp_path / "cat" / "wide.png")
+    assert Image.open(tmp_path / "cat" / "wide.png").mode == "I;16"
+    data = load_image_dataset(str(tmp_path), validation_fraction=0.25, test_fraction=0.25)
+    wide = [image for split in data.splits.values() for image in split["image"] if image.size == (64, 16)]
+    assert len(wide) == 1 and wide[0].mode == "RGB"
+    pixels = np.asarray(wide[0])[..., 0].ravel().astype(int)
+    # 0..65472 over 1,024 pixels scale by 1/257 to 0..255: ordered, spread out, not clipped to white.
+    assert np.array_equal(pixels, np.rint(bad_images.GRADIENT_16BIT.ravel() / 257))
+    assert pixels[0] == 0 and pixels[-1] == 255 and len(np.unique(pixels)) == 256
+    # The transform (which predict uses on image files) reads the file the same way.
+    from_file = build_image_transform(64, 0.0, 1.0, train=False)(Image.open(tmp_path / "cat" / "wide.png"))
+    from_dataset = build_image_transform(64, 0.0, 1.0, train=False)(wide[0])
+    assert torch.equal(from_file, from_dataset) and 0.4 < from_file.mean() < 0.6
 
 
 @pytest.mark.parametrize("name, sizes, num_labels", [

@@ -141,7 +141,8 @@ def image_row(file: Path) -> str | dict:
         buffer = io.BytesIO()
         # The re-encoded PNG drops the EXIF orientation that `datasets` applies when it reads a file, so apply it now.
         to_8bit(ImageOps.exif_transpose(image)).save(buffer, format="PNG")
-        return {"path": str(file), "bytes": buffer.getvalue()}
+        # No path: `datasets` would read an existing path's file and ignore the bytes.
+        return {"path": None, "bytes": buffer.getvalue()}
 
 
 def open_image_file(file: str | Path) -> Image.Image:
