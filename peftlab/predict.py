@@ -102,7 +102,11 @@ class Predictor:
 
 
 def check_saved_files(model_dir: Path) -> None:
-    """Error naming the first JSON file that does not parse or safetensors file that is cut short in `model_dir`."""
+    """Error naming the first JSON file that does not parse or safetensors file that is cut short in `model_dir`,
+    or saying that it holds no weights file at all (every strategy saves its weights as safetensors)."""
+    if not any(model_dir.glob("*.safetensors")):
+        raise PeftlabError(f"{model_dir} holds no weights file (*.safetensors); the run folder is incomplete: "
+                           f"restore it from a copy or train the run again")
     for path in sorted(model_dir.glob("*.json")):
         try:
             json.loads(path.read_text(encoding="utf-8"))

@@ -72,7 +72,7 @@ CASES = [
     ("truncated weights file", "text", ("adapter_model.safetensors", truncate), ["great"],
      "adapter_model.safetensors is damaged (Error while deserializing header"),
     ("missing weights file", "text", ("adapter_model.safetensors", Path.unlink), ["great"],
-     "cannot load the trained weights in {run}/model"),
+     "{run}/model holds no weights file (*.safetensors)"),
     ("broken task.json", "text", ("task.json", lambda p: p.write_text('{"task": ')), ["great"],
      "task.json is damaged (Expecting value"),
     ("broken strategy JSON", "text", ("peftlab_strategy.json", lambda p: p.write_text("{")), ["great"],
