@@ -1,7 +1,8 @@
 """Image classification data: load labelled splits of RGB PIL images and batch them through an ImageTransform.
 
 The `image` column is a `datasets.Image(mode="RGB")` feature: reading a row gives a PIL.Image in RGB mode at the
-source's own size (28 x 28 for the packaged sets); grayscale sources are converted when read, and the transform resizes.
+source's own size (28 x 28 for the packaged sets); grayscale sources are converted when read (16-bit ones scaled to 8
+bits first, see transforms.to_8bit), and the transform resizes.
 """
 
 from __future__ import annotations
@@ -98,8 +99,7 @@ def read_image_folder(folder: Path) -> dict[str, datasets.Dataset]:
     """Read `folder/<class>/<image>` (or `folder/<split>/<class>/<image>`) into {split name: dataset}.
 
     Files without an image suffix (README.txt, .DS_Store) are skipped; a file with an image suffix that PIL cannot
-    decode, an empty class folder, a folder without class folders, or an evaluation split with a class that train
-    lacks is an error naming it.
+    decode, an empty class folder, or a folder without class folders is an error naming it.
     """
     subfolders = sorted(entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     split_folders = {SPLIT_ALIASES[entry.name.lower()]: entry for entry in subfolders
