@@ -141,13 +141,15 @@ def write_table(path: Path = ROOT / "docs" / "bad_inputs.md") -> None:
 
     def row(case_id: str, arguments: list[str], line: str) -> str:
         shown = " ".join(arguments).replace("{tmp}", "<tmp>")
-        return f"| {case_id} | `{shown}` | {line.replace(str(tmp), '<tmp>').replace('|', '/')} |"
+        line = line.replace(str(tmp), "<tmp>").replace(str(Path.cwd()), "<cwd>").replace("|", "/")
+        return f"| {case_id} | `{shown}` | {line} |"
 
     header = ["| case | arguments | what the user sees |", "|---|---|---|"]
     rows = ["# Bad inputs and what the user sees", "",
             "Each row is a case of the tests named above its table. Every one exits with code 2, prints exactly one",
             "`error:` line (no traceback; add `--debug` to a recipe to see it) and writes nothing. Paths under the",
-            "test's temporary folder show as `<tmp>`. Regenerate all tables: `python tests/test_bad_inputs.py`.", "",
+            "test's temporary folder show as `<tmp>`, the working folder as `<cwd>`. Regenerate all tables:",
+            "`python tests/test_bad_inputs.py`.", "",
             "## Text recipe", "", "`recipes/text_classification.py`, cases of `tests/test_bad_inputs.py`.", "",
             *header]
     rows += [row(case_id, arguments, error_line(arguments, tmp)[1][0]) for case_id, arguments, _ in CASES]

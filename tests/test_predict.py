@@ -66,19 +66,21 @@ def write_inputs(tmp: Path) -> None:
     bad_images.write_decompression_bomb(tmp / "bomb.png")
 
 
-# (id, run, how the run folder is damaged (a file under model/ and what is done to it) or None, arguments after
+# (id, run, how the run folder is damaged (a file in it and what is done to that file) or None, arguments after
 # the run folder, a fragment of the one-line message). `{tmp}` is the test's folder, `{run}` the run folder.
 CASES = [
-    ("truncated weights file", "text", ("adapter_model.safetensors", truncate), ["great"],
-     "adapter_model.safetensors is damaged (Error while deserializing header"),
-    ("missing weights file", "text", ("adapter_model.safetensors", Path.unlink), ["great"],
+    ("truncated weights file", "text", ("model/adapter_model.safetensors", truncate), ["great"],
+     "{run}/model/adapter_model.safetensors is damaged (Error while deserializing header"),
+    ("missing weights file", "text", ("model/adapter_model.safetensors", Path.unlink), ["great"],
      "{run}/model holds no weights file (*.safetensors)"),
-    ("broken task.json", "text", ("task.json", lambda p: p.write_text('{"task": ')), ["great"],
-     "task.json is damaged (Expecting value"),
-    ("broken strategy JSON", "text", ("peftlab_strategy.json", lambda p: p.write_text("{")), ["great"],
-     "peftlab_strategy.json is damaged"),
-    ("missing strategy file", "text", ("peftlab_strategy.json", Path.unlink), ["great"],
+    ("broken task.json", "text", ("model/task.json", lambda p: p.write_text('{"task": ')), ["great"],
+     "{run}/model/task.json is damaged (Expecting value"),
+    ("broken strategy JSON", "text", ("model/peftlab_strategy.json", lambda p: p.write_text("{")), ["great"],
+     "{run}/model/peftlab_strategy.json is damaged"),
+    ("missing strategy file", "text", ("model/peftlab_strategy.json", Path.unlink), ["great"],
      "holds no peftlab_strategy.json"),
+    ("broken config.yaml", "text", ("config.yaml", lambda p: p.write_text("model: [")), ["great"],
+     "{run}/config.yaml is not valid YAML"),
     ("binary --file", "text", None, ["--file", "{tmp}/inputs.txt"], "is not UTF-8 text"),
     ("image path to a text run", "text", None, ["{tmp}/truncated.jpg"], "looks like an image file, but run"),
     ("text to an image run", "image", None, ["a cute cat"], "'a cute cat' is not an image file, and run"),
@@ -95,7 +97,7 @@ def case_arguments(case: tuple, runs: dict[str, Path], tmp: Path) -> tuple[list[
         copy = tmp / case_id.replace(" ", "_")
         shutil.copytree(run, copy)
         file, action = damage
-        action(copy / "model" / file)
+        action(copy / file)
         run = copy
     return [str(run), *(a.replace("{tmp}", str(tmp)) for a in arguments)], run
 
