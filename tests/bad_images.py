@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# A 16 x 64 gradient over the whole 16-bit range: 0, 64, 128, ..., 65472 (row-major).
-GRADIENT_16BIT = (np.arange(16 * 64).reshape(16, 64) * 64).astype(np.uint16)
+# A 16 x 64 gradient over the whole 16-bit range, 0 to 65535 in 1,023 steps of about 64 (row-major).
+GRADIENT_16BIT = np.linspace(0, 65535, 16 * 64).round().astype(np.uint16).reshape(16, 64)
 
 
 def noise_image(size: int = 64) -> Image.Image:
