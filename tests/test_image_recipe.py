@@ -20,6 +20,7 @@ from peftlab.data.image import load_image_dataset, make_image_dataloader
 from peftlab.data.transforms import build_image_transform
 from peftlab.metrics import compute_classification_metrics
 from peftlab.saving import load_trained
+from tests import bad_images
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "image_classification.py"
@@ -159,9 +160,45 @@ def test_bad_image_folders_give_one_clear_error(tmp_path, vit_dir):
     split_folders = tmp_path / "splits"
     write_class_folders(split_folders / "train", classes=["cat", "dog"])
     write_class_folders(split_folders / "test", classes=["cat", "dog", "bird"], per_class=2)
-    with pytest.raises(PeftlabError, match=r"test.*'bird'.*not in the train"):
+    with pytest.raises(PeftlabError, match=r"has label\(s\) \['bird'\] in its test split but not in the train split"):
         run_main(tmp_path / "run2", vit_dir, split_folders)
     assert not (tmp_path / "run2" / "run").exists()
+
+
+def write_bad_folders(tmp: Path) -> Path:
+    """Image folders for BAD_DATA_CASES, each with one fault, under `tmp`."""
+    for folder, writer in [("truncated", bad_images.write_truncated_jpeg),
+                           ("broken_pixels", bad_images.write_broken_pixels_png),
+                           ("bomb", bad_images.write_decompression_bomb)]:
+        write_class_folders(tmp / folder, per_class=2)
+        writer(tmp / folder / "cat" / ("bad.jpg" if folder == "truncated" else "bad.png"))
+    write_class_folders(tmp / "test_only" / "train", classes=["cat", "dog"], per_class=2)
+    write_class_folders(tmp / "test_only" / "test", classes=["cat", "dog", "bird"], per_class=1)
+    return tmp
+
+
+# (id, folder under write_bad_folders' folder, a fragment of the one-line message); docs/bad_inputs.md shows them.
+BAD_DATA_CASES = [
+    ("truncated JPEG", "truncated", "bad.jpg' is not a readable image (image file is truncated"),
+    ("PNG with broken pixel data", "broken_pixels", "bad.png' is not a readable image (broken data stream"),
+    ("decompression bomb", "bomb", "bad.png' is too large to decode safely (Image size (100000000 pixels)"),
+    ("class folder only in test", "test_only", "has label(s) ['bird'] in its test split but not in the train split"),
+]
+
+
+def bad_data_error(folder: str, tmp: Path) -> tuple[int, list[str]]:
+    """The image recipe's CLI, run in-process on data.name=tmp/folder: exit code and `error:` lines."""
+    from tests.test_bad_inputs import error_line
+
+    return error_line([f"data.name={tmp}/{folder}"], tmp, of_recipe=load_recipe(), fast=["train.mixed_precision=no"])
+
+
+@pytest.mark.parametrize("case_id, folder, fragment", BAD_DATA_CASES, ids=[case[0] for case in BAD_DATA_CASES])
+def test_bad_image_data_is_one_line_before_anything_is_written(case_id, folder, fragment, tmp_path):
+    code, err_lines = bad_data_error(folder, write_bad_folders(tmp_path))
+    assert code == 2 and len(err_lines) == 1, err_lines
+    assert fragment in err_lines[0], err_lines[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_image_size_the_backbone_cannot_take_is_one_clear_error(tmp_path, vit_dir, image_folder):

@@ -1,7 +1,8 @@
 """Image classification data: load labelled splits of RGB PIL images and batch them through an ImageTransform.
 
 The `image` column is a `datasets.Image(mode="RGB")` feature: reading a row gives a PIL.Image in RGB mode at the
-source's own size (28 x 28 for the packaged sets); grayscale sources are converted when read, and the transform resizes.
+source's own size (28 x 28 for the packaged sets); grayscale sources are converted when read (16-bit ones scaled to 8
+bits first, see transforms.to_8bit), and the transform resizes.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
+import io
 import pickle
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -17,19 +20,21 @@ import datasets
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from accelerate.data_loader import SeedableRandomSampler
 from torch.utils.data import DataLoader
 
 from peftlab.data.splits import (
     SPLIT_ALIASES,
     LabelledDataset,
+    first_line,
     labelled_dataset,
     load_hub_splits,
     looks_like_path,
     select_columns,
     unknown_name_error,
 )
+from peftlab.data.transforms import WIDE_GRAY_MODES, to_8bit
 from peftlab.errors import PeftlabError
 
 ANIMAL_MNIST_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
@@ -94,26 +99,23 @@ def read_image_folder(folder: Path) -> dict[str, datasets.Dataset]:
     """Read `folder/<class>/<image>` (or `folder/<split>/<class>/<image>`) into {split name: dataset}.
 
     Files without an image suffix (README.txt, .DS_Store) are skipped; a file with an image suffix that PIL cannot
-    open, an empty class folder, or a folder without class folders is an error naming it.
+    decode, an empty class folder, or a folder without class folders is an error naming it.
     """
     subfolders = sorted(entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     split_folders = {SPLIT_ALIASES[entry.name.lower()]: entry for entry in subfolders
                      if entry.name.lower() in SPLIT_ALIASES}
     if "train" not in split_folders:
         return {"train": read_class_folders(folder)}
-    splits = {split_name: read_class_folders(split_folder) for split_name, split_folder in split_folders.items()}
-    # The class list is train's class folders: a class only an evaluation split has could never be learned.
-    classes = set(splits["train"]["label"])
-    for split_name, split in splits.items():
-        extra = sorted(set(split["label"]) - classes)
-        if extra:
-            raise PeftlabError(f"{split_name} folder {str(split_folders[split_name])!r} has class folder(s) {extra} "
-                               f"not in the train folder's classes {sorted(classes)}; add them to train or remove them")
-    return splits
+    # A class folder only an evaluation split has is refused by splits.check_labels_in_train, as for text.
+    return {split_name: read_class_folders(split_folder) for split_name, split_folder in split_folders.items()}
 
 
 def read_class_folders(folder: Path) -> datasets.Dataset:
-    """One dataset of (image path, class folder name) rows; images are decoded when read, not here."""
+    """One dataset of (image, class folder name) rows; each image is decoded here to check it, and again when read.
+
+    Rows hold the image's path, except wide grayscale images (16-bit PNGs), which hold their 8-bit PNG encoding:
+    `datasets` would convert them to RGB itself, clipping every pixel above 255 to white.
+    """
     class_folders = sorted(entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     if not class_folders:
         raise PeftlabError(f"image folder {str(folder)!r} has no class sub-folders; put each class's images in "
@@ -125,21 +127,57 @@ def read_class_folders(folder: Path) -> datasets.Dataset:
         if not images:
             raise PeftlabError(f"class folder {str(class_folder)!r} holds no images "
                                f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder")
-        for file in images:
-            check_image_file(file)
-        paths += [str(file) for file in images]
+        paths += [image_row(file) for file in images]
         labels += [class_folder.name] * len(images)
     features = datasets.Features({"image": RGB_IMAGE, "label": datasets.Value("string")})
     return datasets.Dataset.from_dict({"image": paths, "label": labels}, features=features)
 
 
-def check_image_file(file: Path) -> None:
-    """Error naming `file` unless PIL recognises it (reads the header only, so this is cheap)."""
+def image_row(file: Path) -> str | dict:
+    """What the `image` column holds for `file`: its path, or the 8-bit PNG bytes of a wide grayscale image."""
+    with open_image_file(file) as image:
+        if image.mode not in WIDE_GRAY_MODES:
+            return str(file)
+        buffer = io.BytesIO()
+        # The re-encoded PNG drops the EXIF orientation that `datasets` applies when it reads a file, so apply it now.
+        to_8bit(ImageOps.exif_transpose(image)).save(buffer, format="PNG")
+        # No path: `datasets` would read an existing path's file and ignore the bytes.
+        return {"path": None, "bytes": buffer.getvalue()}
+
+
+def open_image_file(file: str | Path) -> Image.Image:
+    """Open and fully decode an image file; a one-line error naming it when it cannot be used.
+
+    Decoding every pixel, not just the header as verify() does, catches truncated JPEGs and PNGs with broken pixel
+    data before anything is written rather than mid-training. An image over PIL's decompression-bomb limit
+    (Image.MAX_IMAGE_PIXELS, 89,478,485 pixels by default) is refused before its pixels are decoded; raise that
+    limit to accept bigger images.
+    """
     try:
-        with Image.open(file) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise PeftlabError(f"{str(file)!r} is not a readable image ({err}); fix or delete it") from err
+        with warnings.catch_warnings():
+            # PIL only warns between 1x and 2x its limit (and raises above): refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(file)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise PeftlabError(f"{str(file)!r} is too large to decode safely ({err}); shrink it, or raise "
+                           f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from err
+    except UNREADABLE_IMAGE_ERRORS as err:
+        raise unreadable_image(file, err) from err
+    try:
+        image.load()
+    except UNREADABLE_IMAGE_ERRORS as err:
+        image.close()
+        raise unreadable_image(file, err) from err
+    return image
+
+
+# What PIL raises for a file it cannot decode: unknown format, truncated data, bad checksums, broken streams.
+UNREADABLE_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
+
+
+def unreadable_image(file: str | Path, err: BaseException) -> PeftlabError:
+    """The one-line error for an image file PIL cannot decode."""
+    return PeftlabError(f"{str(file)!r} is not a readable image ({first_line(err)}); fix or delete it")
 
 
 def package_file(package: str, *parts: str, install: str) -> Path:

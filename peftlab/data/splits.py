@@ -116,55 +116,93 @@ def encode_labels(splits: dict[str, datasets.Dataset], label_names: Sequence[str
                   source: str) -> tuple[dict[str, datasets.Dataset], list[str]]:
     """Turn the `label` column into class ids (a ClassLabel feature) and return the class names in id order.
 
+    The classes are, in this order of precedence: `label_names` (strings map by name, integers index it), a
+    ClassLabel feature's names (its ids are kept), the sorted distinct strings of the train split, or the sorted
+    distinct integers of the train split (labels 1-5 give 5 classes named "1".."5", not 6 with an empty "0").
+
     Args:
-        splits: split name -> dataset with a `label` column of strings, ints or a ClassLabel.
-        label_names: names in id order to use; by default a ClassLabel's names, the sorted strings,
-            or `str(id)` for ids 0..max.
+        splits: split name -> dataset with a `label` column of strings, ints or a ClassLabel; must hold `train`.
+        label_names: names in id order to use instead.
     """
-    first = next(iter(splits.values())).features["label"]
-    values = [value for split in splits.values() for value in split["label"]]
-    if any(value is None for value in values):
-        raise PeftlabError(f"{source} has rows without a label; remove them or fill them in")
-    if all(isinstance(value, str) for value in values):
-        names = list(label_names) if label_names is not None else sorted(set(values))
-        unknown = sorted(set(values) - set(names))
-        if unknown:
+    values = {split_name: list(split["label"]) for split_name, split in splits.items()}
+    check_labels_present(values, source=source)
+    every_value = [value for split_values in values.values() for value in split_values]
+    feature = splits["train"].features["label"]
+    if all(isinstance(value, str) for value in every_value):
+        names = list(label_names) if label_names is not None else sorted(set(values["train"]))
+        unknown = sorted(set(every_value) - set(names))
+        if unknown and label_names is not None:
             raise PeftlabError(f"{source} has labels {unknown[:5]} that are not in label_names {names}; "
                                f"add them to label_names")
         to_id = {name: index for index, name in enumerate(names)}
-        ids = {split_name: [to_id[v] for v in split["label"]] for split_name, split in splits.items()}
     else:
         check_label_ids(values, source=source)
-        if label_names is not None:
-            names = list(label_names)
-        elif isinstance(first, datasets.ClassLabel):
-            names = list(first.names)
+        values = {split_name: [int(value) for value in split_values] for split_name, split_values in values.items()}
+        every_value = [value for split_values in values.values() for value in split_values]
+        if label_names is not None or isinstance(feature, datasets.ClassLabel):
+            # Integers are class ids into the given names (a ClassLabel's ids must stay as they are).
+            names = list(label_names) if label_names is not None else list(feature.names)
+            too_big = sorted({value for value in every_value if value >= len(names)})
+            if too_big:
+                raise PeftlabError(f"{source} has label ids {too_big[:5]} but only {len(names)} label names "
+                                   f"{names}; give one name per class id")
+            to_id = {index: index for index in range(len(names))}
         else:
-            names = [str(index) for index in range(int(max(values)) + 1)]
-        too_big = sorted({int(v) for v in values if int(v) >= len(names)})
-        if too_big:
-            raise PeftlabError(f"{source} has label ids {too_big[:5]} but only {len(names)} label names "
-                               f"{names}; give one name per class id")
-        ids = {split_name: [int(v) for v in split["label"]] for split_name, split in splits.items()}
+            present = sorted(set(values["train"]))
+            names, to_id = [str(value) for value in present], {value: index for index, value in enumerate(present)}
     if len(set(names)) != len(names):
         raise PeftlabError(f"label_names {names} contain duplicates; give each class one distinct name")
-    if len(set(values)) < 2:
-        raise PeftlabError(f"{source} has fewer than 2 distinct labels ({sorted(set(map(str, values)))}); "
+    check_labels_in_train(values, source=source)
+    if len(set(values["train"])) < 2:
+        raise PeftlabError(f"{source} has fewer than 2 distinct labels ({sorted(set(map(str, every_value)))}); "
                            f"a classifier needs at least 2 classes")
     label_feature = datasets.ClassLabel(names=names)
-    encoded = {split_name: split.remove_columns("label").add_column("label", ids[split_name], feature=label_feature)
+    encoded = {split_name: split.remove_columns("label").add_column(
+                   "label", [to_id[value] for value in values[split_name]], feature=label_feature)
                for split_name, split in splits.items()}
     return encoded, names
 
 
-def check_label_ids(values: list, *, source: str) -> None:
+def data_row(index: int) -> str:
+    """How errors cite the row at 0-based `index` of a split: counted from 1, a header line not counted."""
+    return f"data row {index + 1} (counting from 1, header line not counted)"
+
+
+def check_labels_present(values: dict[str, list], *, source: str) -> None:
+    """Error naming the first row without a label (an empty CSV cell, a JSON null)."""
+    for split_name, split_values in values.items():
+        for index, value in enumerate(split_values):
+            if value is None:
+                raise PeftlabError(f"{source} ({split_name} split) {data_row(index)} has no label; "
+                                   f"remove the row or fill in its label")
+
+
+def check_labels_in_train(values: dict[str, list], *, source: str) -> None:
+    """Error when a validation or test split has a label that train lacks: no model could learn that class.
+
+    The one check for text and image sources alike (an image folder's test/<class>/ without train/<class>/).
+    """
+    train = set(values["train"])
+    for split_name, split_values in values.items():
+        missing = sorted(set(split_values) - train, key=str)
+        if missing:
+            raise PeftlabError(f"{source} has label(s) {missing[:5]} in its {split_name} split but not in the train "
+                               f"split, so no model could learn them; add train examples of them or remove them "
+                               f"from {split_name}")
+
+
+def check_label_ids(values: dict[str, list], *, source: str) -> None:
     """Error unless every label is a non-negative whole number (bools and 1.0 count; 0.5, -1 and 'x' do not)."""
-    for value in values:
-        is_number = isinstance(value, (int, float, np.integer, np.floating))
-        if not is_number or not float(value).is_integer():
-            raise PeftlabError(f"{source} has label {value!r}; labels must be all strings or all integer class ids")
-        if value < 0:
-            raise PeftlabError(f"{source} has negative label id {value!r}; class ids start at 0")
+    for split_name, split_values in values.items():
+        for index, value in enumerate(split_values):
+            where = f"{source} ({split_name} split) {data_row(index)}"
+            is_number = isinstance(value, (int, float, np.integer, np.floating))
+            if not is_number or not float(value).is_integer():
+                raise PeftlabError(f"{where} has label {value!r}; labels must be all strings or all whole numbers")
+            if value < 0:
+                # -1 is how Hub datasets mark a missing label, so a negative label is far more often that.
+                raise PeftlabError(f"{where} has negative label {value!r} (the Hub's mark for 'no label'); "
+                                   f"remove such rows, or write labels as strings to use them as classes")
 
 
 def labelled_dataset(splits: dict[str, datasets.Dataset], label_names: Sequence[str] | None, *, source: str,

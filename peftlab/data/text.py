@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
+import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -18,6 +20,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from peftlab.data.splits import (
     SPLIT_ALIASES,
     LabelledDataset,
+    data_row,
     first_line,
     labelled_dataset,
     load_hub_splits,
@@ -65,7 +68,7 @@ def load_text_dataset(
         splits, source = {"train": PACKAGED_TEXT_DATASETS[name]()}, name
         text_column, label_column = "text", "label"
     else:
-        splits, source = read_text_source(name), repr(name)
+        splits, source = read_text_source(name, label_column), repr(name)
     splits = select_columns(splits, {text_column: "text", label_column: "label"}, source=source)
     for split_name, split in splits.items():
         check_texts(split, source=f"{source} ({split_name} split)")
@@ -75,14 +78,14 @@ def load_text_dataset(
     )
 
 
-def read_text_source(name: str) -> dict[str, datasets.Dataset]:
+def read_text_source(name: str, label_column: str = "label") -> dict[str, datasets.Dataset]:
     """Read a local file or folder, or a Hub id, into {split name: dataset} with the source's own columns."""
     path = Path(name).expanduser()
     if path.is_dir():
-        found = {split_name: read_data_file(file) for split_name, file in split_files_in(path).items()}
+        found = {split_name: read_data_file(file, label_column) for split_name, file in split_files_in(path).items()}
         return rename_splits(found, source=repr(name))
     if path.is_file():
-        return {"train": read_data_file(path)}
+        return {"train": read_data_file(path, label_column)}
     if looks_like_path(name):
         raise PeftlabError(f"text dataset file {name!r} does not exist; check the path (relative paths start "
                            f"from {Path.cwd()})")
@@ -105,19 +108,51 @@ def split_files_in(folder: Path) -> dict[str, Path]:
     return found
 
 
-def read_data_file(path: Path) -> datasets.Dataset:
-    """Read a CSV, JSON (lines or array) or Parquet file; parse failures become one-line user errors naming the file."""
+def read_data_file(path: Path, label_column: str = "label") -> datasets.Dataset:
+    """Read a CSV, JSON (lines or array) or Parquet file; parse failures become one-line user errors naming the file.
+
+    A CSV's label column is read as written (see `type_csv_labels`); JSON and Parquet carry their own types.
+    """
     if path.suffix.lower() not in FILE_BUILDERS:
         raise PeftlabError(f"cannot read {str(path)!r}: use a {', '.join(FILE_BUILDERS)} file")
     if path.stat().st_size == 0:
         raise PeftlabError(f"{str(path)!r} is empty; add examples or remove the file")
+    builder = FILE_BUILDERS[path.suffix.lower()]
+    # pandas would parse a label column of "01", "02" as the numbers 1, 2: read it as text and type it ourselves.
+    options = {"converters": {label_column: str}} if builder == "csv" else {}
     try:
-        return datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+        loaded = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as err:  # pandas/pyarrow parse errors: the user must fix the file, not the code
         reason = root_cause(err)
         if "corresponds to no data" in reason:  # what `datasets` says for a header-only CSV
             raise PeftlabError(f"{str(path)!r} has no examples; add rows below the header") from err
         raise PeftlabError(f"cannot read {str(path)!r} ({reason}); fix the file's format") from err
+    if builder == "csv" and label_column in loaded.column_names:
+        loaded = type_csv_labels(loaded, label_column)
+    return loaded
+
+
+PLAIN_INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
+"""A whole number written without leading zeros or signs: `7` and `-1` are numbers, `07` and `+7` are names."""
+
+
+def type_csv_labels(split: datasets.Dataset, label_column: str) -> datasets.Dataset:
+    """Type a CSV label column read as text: integers if every label is a plain integer, numbers if every label
+    is a number and one has a fraction (so `0.5` is refused as a class id later), else the strings as written."""
+    texts = [text for text in split[label_column] if text is not None]
+    if texts and all(PLAIN_INTEGER.fullmatch(text) for text in texts):
+        return split.cast_column(label_column, datasets.Value("int64"))
+    if texts and all(is_number(text) for text in texts) and not all(float(text).is_integer() for text in texts):
+        return split.cast_column(label_column, datasets.Value("float64"))
+    return split
+
+
+def is_number(text: str) -> bool:
+    """True when `text` reads as a finite decimal number (`0.5`, `1e3`); `nan`, `inf` and words are not."""
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def root_cause(err: BaseException) -> str:
@@ -129,10 +164,10 @@ def root_cause(err: BaseException) -> str:
 
 def check_texts(split: datasets.Dataset, *, source: str) -> None:
     """Error when a text is missing or not a string (a numeric column chosen as text_column, say)."""
-    for row, text in enumerate(split["text"]):
+    for index, text in enumerate(split["text"]):
         if not isinstance(text, str):
-            raise PeftlabError(f"{source} row {row} has text {text!r}; every text must be a non-missing string "
-                               f"(check text_column)")
+            raise PeftlabError(f"{source} {data_row(index)} has text {text!r}; every text must be a non-missing "
+                               f"string (check text_column)")
 
 
 @functools.lru_cache(maxsize=1)

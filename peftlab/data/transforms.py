@@ -80,10 +80,34 @@ class ImageTransform:
 
 
 def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
-    """Return a 3-channel RGB PIL image from a PIL image of any mode or a uint8 HxW / HxWx1 / HxWx3 / HxWx4 array."""
+    """Return a 3-channel RGB PIL image from a PIL image of any mode (16-bit grayscale included, see `to_8bit`) or a
+    uint8 HxW / HxWx1 / HxWx3 / HxWx4 or uint16 HxW array."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
+    image = to_8bit(image)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+WIDE_GRAY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+"""PIL modes of grayscale images with more than 8 bits a pixel (16-bit PNGs open as "I;16")."""
+UINT16_MAX = 65535
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """An 8-bit grayscale ("L") image from a 16-bit, 32-bit integer or float one; images of other modes as they are.
+
+    PIL's own convert("L") or convert("RGB") clips such pixels at 255, so a 16-bit PNG (0..65535) turns almost
+    all white. Here 16-bit values scale by 255 / 65535 = 1 / 257 (65535 -> 255, order kept); integers outside
+    0..65535 and floats scale from their own min..max instead.
+    """
+    if image.mode not in WIDE_GRAY_MODES:
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    if image.mode != "F" and 0 <= low and high <= UINT16_MAX:
+        low, high = 0.0, float(UINT16_MAX)
+    scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))  # 2-D uint8 -> mode "L"
 
 
 def build_image_transform(image_size: int, mean: Sequence[float], std: Sequence[float], *, train: bool,
