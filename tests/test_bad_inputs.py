@@ -1,7 +1,7 @@
 """Every bad input a user can give the text recipe: one line on stderr, exit code 2, no traceback, nothing written.
 
 The table in docs/bad_inputs.md lists the same cases with what the user sees: regenerate it with
-`python tests/test_bad_inputs.py`; `test_table_matches_cases` keeps them in sync.
+`python -m tests.test_bad_inputs`; `test_table_matches_cases` keeps them in sync.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def write_table(path: Path = ROOT / "docs" / "bad_inputs.md") -> None:
             "Each row is a case of the tests named above its table. Every one exits with code 2, prints exactly one",
             "`error:` line (no traceback; add `--debug` to a recipe to see it) and writes nothing. Paths under the",
             "test's temporary folder show as `<tmp>`, the working folder as `<cwd>`. Regenerate all tables:",
-            "`python tests/test_bad_inputs.py`.", "",
+            "`python -m tests.test_bad_inputs`.", "",
             "## Text recipe", "", "`recipes/text_classification.py`, cases of `tests/test_bad_inputs.py`.", "",
             *header]
     rows += [row(case_id, arguments, error_line(arguments, tmp)[1][0]) for case_id, arguments, _ in CASES]

@@ -1,6 +1,6 @@
 """`python -m peftlab.predict` on damaged run folders and on inputs it cannot label: one `error:` line, exit code 2.
 
-CASES is also rendered into docs/bad_inputs.md by `python tests/test_bad_inputs.py`.
+CASES is also rendered into docs/bad_inputs.md by `python -m tests.test_bad_inputs`.
 """
 
 from __future__ import annotations
