@@ -45,7 +45,7 @@ class CannotCache(Exception):
 
 @contextlib.contextmanager
 def frozen_feature_cache(model: nn.Module, loaders: dict[str, DataLoader], accelerator, *, enabled: bool = True,
-                         fixed_inputs: bool = True) -> Iterator[dict[str, DataLoader]]:
+                         fixed_inputs: bool = True, phases=None) -> Iterator[dict[str, DataLoader]]:
     """Inside the block, `model` trains on cached frozen features served by the yielded loaders; restored on exit.
 
     Args:
@@ -54,6 +54,7 @@ def frozen_feature_cache(model: nn.Module, loaders: dict[str, DataLoader], accel
             so batches come in the same order as from the original.
         enabled: False yields `loaders` unchanged.
         fixed_inputs: False when the inputs change every epoch (random augmentation): nothing is cached.
+        phases: a peftlab.phases.PhaseTimer that counts the cache's build time as `feature_cache`.
     """
     if not enabled or getattr(model, "peftlab_strategy", {}).get("name") != "head":
         yield loaders
@@ -67,8 +68,11 @@ def frozen_feature_cache(model: nn.Module, loaders: dict[str, DataLoader], accel
         accelerator.print(f"frozen features not cached: {reason}; the backbone runs every epoch")
         yield loaders
         return
+    built_s = time.perf_counter() - start
+    if phases is not None:
+        phases.add("feature_cache", built_s)
     sizes = ", ".join(f"{len(loader.dataset)} {name}" for name, loader in loaders.items())
-    accelerator.print(f"cached the frozen features of {sizes} examples in {time.perf_counter() - start:.1f} s; "
+    accelerator.print(f"cached the frozen features of {sizes} examples in {built_s:.1f} s; "
                       "the head trains on them")
     with cache.replaying(model), _one_thread_on_cpu(accelerator.device):
         yield cache.loaders

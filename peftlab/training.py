@@ -6,7 +6,7 @@ import math
 import re
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,8 @@ class TrainResult:
     """CUDA max allocated memory, or the process's max resident set size on CPU."""
     stopped_early: bool
     best_checkpoint: str | None = None
+    phases_s: dict[str, float] = field(default_factory=dict)
+    """Seconds of train_steps, evaluation and checkpointing in this call (they add up to train_time_s)."""
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -164,7 +166,7 @@ def train(
                disable=not accelerator.is_local_main_process)
     stopped_early = _patience_exhausted(progress, train_cfg)  # a resumed run may have stopped early already
     stop = stopped_early or progress.global_step >= total_steps
-    samples, housekeeping_s, window, micro_losses = 0, 0.0, [], []
+    samples, evaluation_s, checkpointing_s, window, micro_losses = 0, 0.0, 0.0, [], []
     model.train()
     while not stop:
         batches = _epoch_batches(accelerator, train_loader, progress)
@@ -203,7 +205,7 @@ def train(
                 accelerator.log({"train/loss": sum(window) / len(window), "train/lr": lr}, step=progress.global_step)
                 window = []
 
-            housekeeping_start = time.perf_counter()
+            evaluation_start = time.perf_counter()
             last = progress.global_step >= total_steps
             evaluated = improved = False
             if _should_evaluate(train_cfg, progress.global_step, epoch_end, last):
@@ -212,9 +214,11 @@ def train(
                 accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.global_step)
                 stopped_early = _patience_exhausted(progress, train_cfg)
             stop = last or stopped_early
+            checkpointing_start = time.perf_counter()
+            evaluation_s += checkpointing_start - evaluation_start
             if _should_save(train_cfg, progress.global_step, evaluated, improved, stop):
                 save_checkpoint(accelerator, model, optimizer, scheduler, progress, output_dir)
-            housekeeping_s += time.perf_counter() - housekeeping_start
+            checkpointing_s += time.perf_counter() - checkpointing_start
             if stop:
                 break
         batches.end()  # an early break would leave the loader registered in accelerate's gradient state
@@ -224,6 +228,7 @@ def train(
     if best is not None:
         load_trainable_weights(accelerator.unwrap_model(model), best)
     train_time = time.perf_counter() - start
+    steps_s = max(train_time - evaluation_s - checkpointing_s, 1e-9)  # setup and loading the best weights included
     best_metrics = next((h for h in progress.history if h["step"] == progress.best_step), {})
     return TrainResult(
         best_metrics={k: v for k, v in best_metrics.items() if k != "step"},
@@ -231,10 +236,11 @@ def train(
         history=progress.history,
         global_step=progress.global_step,
         train_time_s=train_time,
-        samples_per_s=samples / max(train_time - housekeeping_s, 1e-9),
+        samples_per_s=samples / steps_s,
         peak_memory_mb=_peak_memory_mb(accelerator),
         stopped_early=stopped_early,
         best_checkpoint=str(best) if best else None,
+        phases_s={"train_steps": steps_s, "evaluation": evaluation_s, "checkpointing": checkpointing_s},
     )
 
 
