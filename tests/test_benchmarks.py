@@ -14,14 +14,13 @@ import pytest
 from peftlab.config import load_config
 from peftlab.errors import PeftlabError
 
-ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))  # the harness lives beside the benchmark scripts, like they import it
+from peftlab.harness import runner
+from peftlab.harness.grid import load_grid
+from peftlab.harness.provenance import splits_fingerprint
+from peftlab.harness.report import (compare_reruns, load_records, pareto_front, render, results_table, summarize,
+                                    update_readme)
 
-from harness import runner  # noqa: E402
-from harness.grid import load_grid  # noqa: E402
-from harness.provenance import splits_fingerprint  # noqa: E402
-from harness.report import (compare_reruns, load_records, pareto_front, render, results_table, summarize,  # noqa: E402
-                            update_readme)
+ROOT = Path(__file__).parents[1]
 
 GRIDS = sorted((ROOT / "benchmarks" / "grids").glob("*.yaml"))
 SMOKE = ROOT / "benchmarks" / "grids" / "smoke.yaml"
