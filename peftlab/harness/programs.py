@@ -43,7 +43,8 @@ JOBS: dict[str, Program] = {}
 
 
 def register_job(name: str, script: str, *, args: tuple[str, ...] = (), task: str | None = None) -> Program:
-    """Make `{job: name}` in a grid run `script` (relative to the repository root) with `args` before its overrides."""
+    """Make `{job: name}` in a grid run `script` (relative to the repository root, or absolute) with `args` before
+    the cell's `--config` and overrides."""
     JOBS[name] = Program(kind="job", name=name, script=script, args=tuple(args), task=task)
     return JOBS[name]
 

@@ -66,11 +66,13 @@ def source_fingerprint(program: Program) -> str:
 
     With uncommitted changes the commit SHA alone does not say which code produced a number; this does.
     """
-    patterns = ("peftlab/**/*.py", "peftlab/**/*.json", program.script, "recipes/configs/**/*.yaml")
-    files = sorted({p for pattern in patterns for p in REPO_ROOT.glob(pattern) if "__pycache__" not in p.parts})
+    patterns = ("peftlab/**/*.py", "peftlab/**/*.json", "recipes/configs/**/*.yaml")
+    files = {p for pattern in patterns for p in REPO_ROOT.glob(pattern) if "__pycache__" not in p.parts}
+    files.add(REPO_ROOT / program.script)  # a job's script may live outside the checkout (an absolute path)
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.relative_to(REPO_ROOT).as_posix()}\0".encode())
+    for path in sorted(files):
+        shown = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
+        digest.update(f"{shown.as_posix()}\0".encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
