@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from peftlab.heads import find_head, is_in_modules
+from peftlab.phases import PhaseTimer
 
 FEATURES_KEY = "peftlab_features"
 """The batch key that carries cached features; the model's pre-hook takes it out before its forward runs."""
@@ -45,7 +46,7 @@ class CannotCache(Exception):
 
 @contextlib.contextmanager
 def frozen_feature_cache(model: nn.Module, loaders: dict[str, DataLoader], accelerator, *, enabled: bool = True,
-                         fixed_inputs: bool = True, phases=None) -> Iterator[dict[str, DataLoader]]:
+                         fixed_inputs: bool = True, phases: Optional[PhaseTimer] = None) -> Iterator[dict[str, DataLoader]]:
     """Inside the block, `model` trains on cached frozen features served by the yielded loaders; restored on exit.
 
     Args:
@@ -54,7 +55,7 @@ def frozen_feature_cache(model: nn.Module, loaders: dict[str, DataLoader], accel
             so batches come in the same order as from the original.
         enabled: False yields `loaders` unchanged.
         fixed_inputs: False when the inputs change every epoch (random augmentation): nothing is cached.
-        phases: a peftlab.phases.PhaseTimer that counts the cache's build time as `feature_cache`.
+        phases: counts the cache's build time as `feature_cache` (metrics.json's phases_s).
     """
     if not enabled or getattr(model, "peftlab_strategy", {}).get("name") != "head":
         yield loaders

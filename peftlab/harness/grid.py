@@ -78,6 +78,12 @@ class Grid:
     pairs: dict[str, tuple[str, str]] = field(default_factory=dict)
     """Pair name -> (side a, side b) strategy labels."""
 
+    def program_of(self, backbone: str, strategy: str, task: str) -> Program:
+        """What a cell with these labels runs: the last of its labels that names a program, else the grid's recipe."""
+        named = [self.programs[key] for key in (f"backbones.{backbone}", f"strategies.{strategy}", f"tasks.{task}")
+                 if key in self.programs]
+        return named[-1] if named else programs.recipe(self.recipe, str(self.path))
+
     def cells(self) -> list[Cell]:
         """Every cell, in the order the runner goes through them: backbone-major then strategy, task and seed; in a
         grid with pairs, backbone and task, then pair, seed and side, so the two sides of a pair run back to back."""
@@ -88,16 +94,12 @@ class Grid:
                     for seed in self.seeds:
                         overrides = (*self.defaults, *backbone_overrides, *strategy_overrides, *task_overrides,
                                      f"train.seed={seed}")
-                        labels = {"backbones": backbone, "strategies": strategy, "tasks": task}
-                        named = [self.programs[f"{axis}.{label}"] for axis, label in labels.items()
-                                 if f"{axis}.{label}" in self.programs]
                         pair, side = next(((name, "ab"[sides.index(strategy)]) for name, sides in self.pairs.items()
                                            if strategy in sides), (None, None))
                         cells.append(Cell(id=cell_id(backbone, task, strategy, seed), backbone=backbone,
                                           strategy=strategy, task=task, seed=seed, overrides=overrides,
                                           position={"backbone": b, "strategy": s, "task": t},
-                                          program=named[-1] if named else programs.recipe(self.recipe, self.path),
-                                          pair=pair, side=side))
+                                          program=self.program_of(backbone, strategy, task), pair=pair, side=side))
         if self.pairs:
             pair_order = list(self.pairs)
             cells.sort(key=lambda c: (c.position["backbone"], c.position["task"], pair_order.index(c.pair), c.seed,
