@@ -39,7 +39,7 @@ def main(cfg: RecipeConfig, task: str) -> dict:
     if cfg.strategy not in ("lora", "full"):
         raise PeftlabError(f"the Trainer baseline runs strategy lora or full, not {cfg.strategy!r}")
     if cfg.train.mixed_precision != "no":
-        raise PeftlabError("the Trainer baseline trains in fp32; set train.mixed_precision=no (what its config records)")
+        raise PeftlabError("the Trainer baseline trains in fp32; set train.mixed_precision=no (its config records it)")
     phases = PhaseTimer()
     set_seed(cfg.train.seed)
     train_set, eval_set, test_set, backbone, label_names = load_sets(cfg, task, phases)

@@ -46,7 +46,8 @@ class CannotCache(Exception):
 
 @contextlib.contextmanager
 def frozen_feature_cache(model: nn.Module, loaders: dict[str, DataLoader], accelerator, *, enabled: bool = True,
-                         fixed_inputs: bool = True, phases: Optional[PhaseTimer] = None) -> Iterator[dict[str, DataLoader]]:
+                         fixed_inputs: bool = True,
+                         phases: Optional[PhaseTimer] = None) -> Iterator[dict[str, DataLoader]]:
     """Inside the block, `model` trains on cached frozen features served by the yielded loaders; restored on exit.
 
     Args:

@@ -190,7 +190,8 @@ def _pairs(value, strategies: list[str], where: str) -> dict[str, tuple[str, str
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(v, list) and len(v) == 2 for v in value.values()):
-        raise PeftlabError(f"{where} must map pair names to [side a, side b] strategy labels, e.g. lora: [trainer, recipe]")
+        raise PeftlabError(f"{where} must map pair names to [side a, side b] strategy labels, "
+                           "e.g. lora: [trainer, recipe]")
     sides = [str(label) for labels in value.values() for label in labels]
     unknown = sorted(set(sides) - set(strategies))
     if unknown:

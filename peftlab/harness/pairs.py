@@ -87,7 +87,8 @@ def pairs_table(summaries: list[dict]) -> str:
         for side in "ab":
             run = record[side]
             cached = run["spec"]["strategy"] == "head" and run["spec"].get("cache")
-            label = run["spec"]["kind"] + (" cached" if cached else " uncached" if run["spec"]["strategy"] == "head" else "")
+            uncached = run["spec"]["strategy"] == "head" and not cached
+            label = run["spec"]["kind"] + (" cached" if cached else " uncached" if uncached else "")
             count = len(record["runs"][side])
             if count > 1:
                 label += f" ({'lower ' if count % 2 == 0 else ''}median of {count})"

@@ -55,7 +55,7 @@ register_job("trainer_image", "benchmarks/trainer_baseline.py", args=("--task", 
 
 
 def recipe(name: str, where: str) -> Program:
-    """The recipe `recipes/<name>.py`; a one-line error listing the recipes when there is none (`where` names the key)."""
+    """The recipe `recipes/<name>.py`; a one-line error listing the recipes when there is none (`where`: the key)."""
     if not (REPO_ROOT / "recipes" / f"{name}.py").is_file():
         found = sorted(p.stem for p in (REPO_ROOT / "recipes").glob("*.py") if p.stem != "__init__")
         raise PeftlabError(f"{where}: recipe {name!r} has no recipes/{name}.py (choose one of: {', '.join(found)})")

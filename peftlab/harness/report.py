@@ -423,7 +423,8 @@ def render_pairs(results_dir: Path, out_dir: Path | None = None, *, command: str
     summary = summarize(load_records(results_dir))
     summary.commands = [run_command(summary, results_dir), command or f"python benchmarks/report.py {results_dir}"]
     block = "\n".join([pairs.pairs_table(pairs.pair_summaries(summary.records)), "",
-                       *(["Failed cells (from their records):", "", failures_list(summary), ""] if summary.failed else []),
+                       *(["Failed cells (from their records):", "", failures_list(summary), ""]
+                         if summary.failed else []),
                        f"Provenance: {provenance_line(summary)}", "", "Reproduce:", "", "```", *summary.commands,
                        "```", ""])
     (out_dir / "table.md").write_text(block)
