@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from peftlab.heads import is_in_modules
+from peftlab.phases import PhaseTimer
 from peftlab.strategies import AppliedStrategy
 
 FEATURES_KEY = "peftlab_features"
@@ -47,7 +48,8 @@ class CannotCache(Exception):
 
 @contextlib.contextmanager
 def frozen_feature_cache(model: nn.Module, loaders: dict[str, DataLoader], accelerator, *, enabled: bool = True,
-                         fixed_inputs: bool = True) -> Iterator[dict[str, DataLoader]]:
+                         fixed_inputs: bool = True,
+                         phases: Optional[PhaseTimer] = None) -> Iterator[dict[str, DataLoader]]:
     """Inside the block, `model` trains on cached frozen features served by the yielded loaders; restored on exit.
 
     Args:
@@ -57,6 +59,7 @@ def frozen_feature_cache(model: nn.Module, loaders: dict[str, DataLoader], accel
             so batches come in the same order as from the original.
         enabled: False yields `loaders` unchanged.
         fixed_inputs: False when the inputs change every epoch (random augmentation): nothing is cached.
+        phases: counts the cache's build time as `feature_cache` (metrics.json's phases_s).
     """
     applied = getattr(model, "peftlab_strategy", None)
     if not enabled or not isinstance(applied, AppliedStrategy) or not applied.record.caches_frozen_features:
@@ -71,8 +74,11 @@ def frozen_feature_cache(model: nn.Module, loaders: dict[str, DataLoader], accel
         accelerator.print(f"frozen features not cached: {reason}; the backbone runs every epoch")
         yield loaders
         return
+    built_s = time.perf_counter() - start
+    if phases is not None:
+        phases.add("feature_cache", built_s)
     sizes = ", ".join(f"{len(loader.dataset)} {name}" for name, loader in loaders.items())
-    accelerator.print(f"cached the frozen features of {sizes} examples in {time.perf_counter() - start:.1f} s; "
+    accelerator.print(f"cached the frozen features of {sizes} examples in {built_s:.1f} s; "
                       "the head trains on them")
     with cache.replaying(model), _one_thread_on_cpu(accelerator.device):
         yield cache.loaders

@@ -55,6 +55,8 @@ class Progress:
     """Wall time of training so far (evaluation and earlier checkpoints included), over every resumed part."""
     step_time_s: float = 0.0
     """Time spent in training steps so far (evaluation and checkpointing excluded)."""
+    evaluation_s: float = 0.0
+    checkpointing_s: float = 0.0
     samples: int = 0
     """Training samples so far, over all processes."""
     batch_size: int | None = None

@@ -20,6 +20,7 @@ from peftlab import run_folder
 from peftlab.config import RecipeConfig, save_config
 from peftlab.errors import PeftlabError
 from peftlab.params import ParameterCount
+from peftlab.phases import PhaseTimer
 from peftlab.run_folder import FolderState
 from peftlab.saving import save_trained
 from peftlab.strategies import SaveFormat, get_strategy
@@ -71,17 +72,26 @@ def prepare_output_dir(cfg: RecipeConfig, accelerator) -> Path:
 
 
 def test_and_save(cfg: RecipeConfig, task: str, *, accelerator, model, result, test_loader, label_names: list[str],
-                  counts: ParameterCount, preprocessor, output_dir: Path) -> dict[str, Any]:
-    """Score the best weights once on the test split, then write the run's outputs; returns metrics.json's content."""
+                  counts: ParameterCount, preprocessor, output_dir: Path,
+                  phases: PhaseTimer | None = None) -> dict[str, Any]:
+    """Score the best weights once on the test split, then write the run's outputs; returns metrics.json's content.
+
+    Args:
+        phases: the recipe's timer (data, model, feature cache); train() and the test pass add theirs to it.
+    """
     from peftlab.metrics import compute_classification_metrics
     from peftlab.training import evaluate
 
-    _, predictions, references = evaluate(model, accelerator.prepare(test_loader), accelerator, lambda p, r: {})
-    test_metrics = compute_classification_metrics(predictions, references, label_names)
+    phases = phases or PhaseTimer()
+    with phases.measure("test"):
+        _, predictions, references = evaluate(model, accelerator.prepare(test_loader), accelerator, lambda p, r: {})
+        test_metrics = compute_classification_metrics(predictions, references, label_names)
+    for phase, seconds in result.phases_s.items():
+        phases.add(phase, seconds)
     metrics = {"validation": result.best_metrics, "test": test_metrics, "best_step": result.best_step,
                "global_step": result.global_step, "stopped_early": result.stopped_early,
                "train_time_s": result.train_time_s, "samples_per_s": result.samples_per_s,
-               "peak_memory_mb": result.peak_memory_mb}
+               "peak_memory_mb": result.peak_memory_mb, "phases_s": phases.as_dict()}
     accelerator.print(f"test accuracy {test_metrics['accuracy']:.4f}, macro-F1 {test_metrics['macro_f1']:.4f} "
                       f"({result.train_time_s:.0f} s, {result.samples_per_s:.1f} samples/s)")
     if accelerator.is_main_process:

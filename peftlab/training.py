@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import resource
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,9 @@ class TrainResult:
     """CUDA max allocated memory, or the process's max resident set size on CPU."""
     stopped_early: bool
     best_checkpoint: str | None = None
+    phases_s: dict[str, float] = field(default_factory=dict)
+    """Seconds of train_steps, evaluation and checkpointing until the last checkpoint, over a resumed run's parts
+    (they add up to train_time_s)."""
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -164,7 +168,7 @@ def train(
         check_same_batching(read_progress(path), layout, path)
         progress = load_checkpoint(path, accelerator, model, optimizer, scheduler)
         rng_state = load_rng_state(path, accelerator.process_index)
-    previous_time_s, previous_step_time_s, previous_samples = progress.train_time_s, progress.step_time_s, progress.samples
+    previous = copy.copy(progress)  # the time and samples of the parts before a resume, added to this part's
     if not accelerator.trackers:
         accelerator.init_trackers("peftlab", config={f"train.{k}": _loggable(v) for k, v in asdict(train_cfg).items()})
 
@@ -172,7 +176,7 @@ def train(
                disable=not accelerator.is_local_main_process)
     stopped_early = _patience_exhausted(progress, train_cfg)  # a resumed run may have stopped early already
     stop = stopped_early or progress.global_step >= total_steps
-    samples, housekeeping_s, window, micro_losses = 0, 0.0, [], []
+    samples, evaluation_s, checkpointing_s, window, micro_losses = 0, 0.0, 0.0, [], []
     after_step = after_step_hook(accelerator.unwrap_model(model))  # the strategy's own, e.g. AdaLoRA rank allocation
     stop_signal = StopSignal(accelerator)
     model.train()
@@ -215,9 +219,9 @@ def train(
                 accelerator.log({"train/loss": sum(window) / len(window), "train/lr": lr}, step=progress.global_step)
                 window = []
 
-            housekeeping_start = time.perf_counter()
-            progress.step_time_s = previous_step_time_s + housekeeping_start - start - housekeeping_s
-            progress.samples = previous_samples + samples
+            evaluation_start = time.perf_counter()
+            progress.step_time_s = previous.step_time_s + evaluation_start - start - evaluation_s - checkpointing_s
+            progress.samples = previous.samples + samples
             last = progress.global_step >= total_steps
             evaluated = improved = False
             if _should_evaluate(train_cfg, progress.global_step, epoch_end, last):
@@ -227,11 +231,16 @@ def train(
                 stopped_early = _patience_exhausted(progress, train_cfg)
             stop = last or stopped_early
             signalled = not stop and stop_signal.received()
-            # Recorded up to this step's checkpoint, so a finished run resumed later reports the same time.
-            progress.train_time_s = previous_time_s + time.perf_counter() - start
+            checkpointing_start = time.perf_counter()
+            evaluation_s += checkpointing_start - evaluation_start
+            # Recorded up to this step's checkpoint, so a finished run resumed later reports the same figures;
+            # train_steps + evaluation + checkpointing (the earlier saves) add up to train_time_s.
+            progress.evaluation_s = previous.evaluation_s + evaluation_s
+            progress.checkpointing_s = previous.checkpointing_s + checkpointing_s
+            progress.train_time_s = previous.train_time_s + checkpointing_start - start
             if _should_save(train_cfg, progress.global_step, evaluated, improved, stop) or signalled:
                 save_checkpoint(accelerator, model, optimizer, scheduler, progress, output_dir)
-            housekeeping_s += time.perf_counter() - housekeeping_start
+            checkpointing_s += time.perf_counter() - checkpointing_start
             if signalled:
                 stop_signal.restore()
                 bar.close()
@@ -259,6 +268,8 @@ def train(
         peak_memory_mb=_peak_memory_mb(accelerator),
         stopped_early=stopped_early,
         best_checkpoint=str(best) if best else None,
+        phases_s={"train_steps": progress.step_time_s, "evaluation": progress.evaluation_s,
+                  "checkpointing": progress.checkpointing_s},
     )
 
 

@@ -24,6 +24,7 @@ from peftlab.config import RecipeConfig, run_cli
 from peftlab.data.image import load_image_dataset, make_image_dataloader
 from peftlab.data.transforms import build_image_transform
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
+from peftlab.phases import PhaseTimer
 from peftlab.runs import check_before_loading, prepare_output_dir, test_and_save
 from peftlab.training import build_accelerator, train
 
@@ -32,6 +33,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "efficientnet_lite0_lora_an
 
 def main(cfg: RecipeConfig) -> dict:
     check_before_loading(cfg)  # output folder, precision, trackers: fail in milliseconds, not after loading
+    phases = PhaseTimer()  # where the time goes, written into metrics.json as phases_s
 
     # Data: train/validation/test with `image` (RGB PIL, any size) and `label`; images are decoded per batch.
     data = load_image_dataset(
@@ -40,6 +42,7 @@ def main(cfg: RecipeConfig) -> dict:
         split_seed=cfg.data.split_seed, max_train_samples=cfg.data.max_train_samples,
         max_eval_samples=cfg.data.max_eval_samples,
     )
+    phases.lap("data")
 
     # Backbone with a new head, then the strategy decides what trains. Seeded first: the new head and LoRA's A
     # matrices draw their initial values from the global RNG (train() reseeds only later, for shuffling and dropout).
@@ -60,6 +63,7 @@ def main(cfg: RecipeConfig) -> dict:
     output_dir = prepare_output_dir(cfg, accelerator)
     accelerator.print(f"{cfg.strategy} on {cfg.model.name} at {cfg.data.image_size} px "
                       f"(native {backbone.image_size}): {counts}")
+    phases.lap("model")
 
     # Every image is resized to data.image_size and normalised with the backbone's own statistics;
     # only training images are augmented (random resized crop, flip, small rotation) when data.augment is on.
@@ -73,13 +77,15 @@ def main(cfg: RecipeConfig) -> dict:
                                                  shuffle=False, seed=cfg.train.seed)
                     for split in ("validation", "test")}
 
+    phases.lap("data")
+
     def compute_metrics(predictions, references):
         return scalar_metrics(compute_classification_metrics(predictions, references, data.label_names))
 
     # Strategy `head` without augmentation: the frozen backbone runs once, the head trains on cached features.
     loaders = {"train": train_loader, "validation": eval_loaders["validation"]}
     with frozen_feature_cache(model, loaders, accelerator, enabled=cfg.train.cache_frozen_features,
-                              fixed_inputs=not cfg.data.augment) as loaders:
+                              fixed_inputs=not cfg.data.augment, phases=phases) as loaders:
         result = train(model, accelerator=accelerator, train_cfg=cfg.train, train_loader=loaders["train"],
                        eval_loader=loaders["validation"], compute_metrics=compute_metrics,
                        output_dir=output_dir, resume_from=cfg.resume_from)
@@ -88,7 +94,7 @@ def main(cfg: RecipeConfig) -> dict:
     # is saved: `predict` rebuilds the eval transform from config.yaml and the backbone's image statistics.
     return test_and_save(cfg, "image", accelerator=accelerator, model=model, result=result,
                          test_loader=eval_loaders["test"], label_names=data.label_names, counts=counts,
-                         preprocessor=None, output_dir=output_dir)
+                         preprocessor=None, output_dir=output_dir, phases=phases)
 
 
 def check_image_size(backbone: Backbone, image_size: int) -> None:

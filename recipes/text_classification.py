@@ -19,6 +19,7 @@ from peftlab.caching import frozen_feature_cache
 from peftlab.config import RecipeConfig, run_cli
 from peftlab.data.text import load_text_dataset, make_text_dataloader, tokenize_dataset
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
+from peftlab.phases import PhaseTimer
 from peftlab.runs import check_before_loading, prepare_output_dir, test_and_save
 from peftlab.training import build_accelerator, train
 
@@ -27,6 +28,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "minilm_lora_rotten_tomatoe
 
 def main(cfg: RecipeConfig) -> dict:
     check_before_loading(cfg)  # output folder, precision, trackers: fail in milliseconds, not after loading
+    phases = PhaseTimer()  # where the time goes, written into metrics.json as phases_s
 
     # Data: train/validation/test with `text` and `label`, tokenized without padding (batches pad dynamically).
     data = load_text_dataset(
@@ -35,6 +37,7 @@ def main(cfg: RecipeConfig) -> dict:
         split_seed=cfg.data.split_seed, max_train_samples=cfg.data.max_train_samples,
         max_eval_samples=cfg.data.max_eval_samples,
     )
+    phases.lap("data")
 
     # Backbone with a new head, then the strategy decides what trains. Seeded first: the new head (and LoRA's A
     # matrices) draw their initial values from the global RNG (train() reseeds only later, for shuffling and dropout).
@@ -54,6 +57,7 @@ def main(cfg: RecipeConfig) -> dict:
     accelerator = build_accelerator(cfg.train, cfg.output_dir)
     output_dir = prepare_output_dir(cfg, accelerator)
     accelerator.print(f"{cfg.strategy} on {cfg.model.name}: {counts}")
+    phases.lap("model")
 
     with accelerator.main_process_first():
         tokenized = tokenize_dataset(data.splits, backbone.tokenizer, cfg.data.max_length)
@@ -63,12 +67,15 @@ def main(cfg: RecipeConfig) -> dict:
                                                 shuffle=False, group_by_length=False, seed=cfg.train.seed)
                     for split in ("validation", "test")}
 
+    phases.lap("data")
+
     def compute_metrics(predictions, references):
         return scalar_metrics(compute_classification_metrics(predictions, references, data.label_names))
 
     # Strategy `head`: the frozen backbone runs once and the head trains on its cached features (peftlab.caching).
     loaders = {"train": train_loader, "validation": eval_loaders["validation"]}
-    with frozen_feature_cache(model, loaders, accelerator, enabled=cfg.train.cache_frozen_features) as loaders:
+    with frozen_feature_cache(model, loaders, accelerator, enabled=cfg.train.cache_frozen_features,
+                              phases=phases) as loaders:
         result = train(model, accelerator=accelerator, train_cfg=cfg.train, train_loader=loaders["train"],
                        eval_loader=loaders["validation"], compute_metrics=compute_metrics,
                        output_dir=output_dir, resume_from=cfg.resume_from)
@@ -76,7 +83,7 @@ def main(cfg: RecipeConfig) -> dict:
     # The model now holds the best validation weights: score them once on the test split and save.
     return test_and_save(cfg, "text", accelerator=accelerator, model=model, result=result,
                          test_loader=eval_loaders["test"], label_names=data.label_names, counts=counts,
-                         preprocessor=backbone.tokenizer, output_dir=output_dir)
+                         preprocessor=backbone.tokenizer, output_dir=output_dir, phases=phases)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ import pytest
 from peftlab.config import load_config
 from peftlab.errors import PeftlabError
 
-ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))  # the harness lives beside the benchmark scripts, like they import it
+from peftlab.harness import programs, runner
+from peftlab.harness.grid import load_grid
+from peftlab.harness.provenance import splits_fingerprint
+from peftlab.harness.report import (compare_reruns, load_records, pareto_front, render, results_table, summarize,
+                                    update_readme)
 
-from harness import runner  # noqa: E402
-from harness.grid import load_grid  # noqa: E402
-from harness.provenance import splits_fingerprint  # noqa: E402
-from harness.report import (compare_reruns, load_records, pareto_front, render, results_table, summarize,  # noqa: E402
-                            update_readme)
+ROOT = Path(__file__).parents[1]
 
 GRIDS = sorted((ROOT / "benchmarks" / "grids").glob("*.yaml"))
 SMOKE = ROOT / "benchmarks" / "grids" / "smoke.yaml"
@@ -100,6 +99,27 @@ def test_smoke_grid_end_to_end_with_resume_and_a_failed_cell(tmp_path, monkeypat
     assert launches == [] and second.launched == [] and len(second.skipped) == 3 and second.kept_failures == [BROKEN]
     assert {p: p.stat().st_mtime_ns for p in results.glob("*.json")} == mtimes
 
+    # A registered job is launched and recorded like a recipe: here a stand-in for an exported model's evaluation,
+    # which leaves a recipe's outputs (copied from the finished head cell) in its run folder.
+    head = next(c for c in grid.cells() if c.strategy == "head")
+    job_script = tmp_path / "copy_run.py"
+    job_script.write_text(
+        "import shutil, sys\n"
+        "out = next(a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('output_dir='))\n"
+        f"shutil.copytree({str(runs / head.id)!r}, out, dirs_exist_ok=True)\n")
+    monkeypatch.setitem(programs.JOBS, "copy_run", programs.Program("job", "copy_run", str(job_script), task="text"))
+    job_grid = tmp_path / "job.yaml"
+    job_grid.write_text(SMOKE.read_text().replace("lora-r4: [", "lora-r4: {job: copy_run, overrides: [").replace(
+        "train.lr=1e-3]", "train.lr=1e-3]}"))
+    job_results = tmp_path / "job_results"
+    runner.run_grid(load_grid(job_grid), job_results, tmp_path / "job_runs", only=["*lora-r4*"], progress=False)
+    [job_record] = load_records(job_results)
+    recipe_record = records[head.id]
+    assert job_record["status"] == "ok" and (job_record["kind"], recipe_record["kind"]) == ("job", "recipe")
+    assert job_record["command"].startswith(f"python {job_script} model.pooling=mean")
+    assert _shape(job_record) == _shape(recipe_record)  # the same keys all the way down
+    assert job_record["metrics"] == recipe_record["metrics"] and job_record["data"] == recipe_record["data"]
+
     # Tables and plot from the records alone.
     summary, paths = render(results, tmp_path / "report")
     table = paths["table"].read_text()
@@ -108,6 +128,13 @@ def test_smoke_grid_end_to_end_with_resume_and_a_failed_cell(tmp_path, monkeypat
     assert paths["plot"].read_bytes().startswith(b"\x89PNG")
     assert len(paths["summary_csv"].read_text().splitlines()) == 1 + 2
     assert len(paths["cells_csv"].read_text().splitlines()) == 1 + 3
+
+
+def _shape(value):
+    """The nested keys of a record (values left out): what a reader of the record can rely on."""
+    if isinstance(value, dict):
+        return {key: _shape(v) for key, v in value.items() if key not in ("versions",)}
+    return type(value).__name__ if value is not None else None
 
 
 def test_retry_failed_reruns_only_failed_cells_and_timeouts_are_failures(tmp_path, monkeypatch):

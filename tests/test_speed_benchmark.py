@@ -1,58 +1,118 @@
-"""benchmarks/speed.py --smoke end to end (1-layer MiniLM, 48 texts): the records' fields, no timed assertions."""
+"""The speed grids: pairs run back to back, b/a tables from the records, the Trainer baseline as a harness job."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from peftlab.errors import PeftlabError
+from peftlab.harness import pairs, runner
+from peftlab.harness.grid import load_grid
+from peftlab.harness.report import load_records, render_pairs
+
 ROOT = Path(__file__).parents[1]
-RUN_FIELDS = {"spec", "wall_s", "train_phase_s", "samples_per_s", "peak_memory_mb", "test_accuracy",
-              "trained_samples", "mixed_precision"}
+GRIDS = ROOT / "benchmarks" / "grids"
 
 
-def test_smoke_writes_records_and_table(tmp_path):
-    readme = tmp_path / "SPEED.md"
-    readme.write_text("# Speed\n<!-- speed:table -->\nold\n<!-- /speed:table -->\nafter\n")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--smoke", "--cases", "head", "full",
-                           "--out", str(tmp_path), "--readme", str(readme)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    head = json.loads((tmp_path / "head.json").read_text())
-    assert head["smoke"] and head["case"] == "head"
-    assert RUN_FIELDS <= set(head["a"]) and RUN_FIELDS <= set(head["b"])
-    assert head["a"]["spec"]["cache"] is False and head["b"]["spec"]["cache"] is True
-    assert head["a"]["cache_s"] < head["b"]["cache_s"]  # (a) passes straight through, (b) runs the backbone once
-    assert head["a"]["trained_samples"] == head["b"]["trained_samples"] == 48  # 1 epoch of 48 texts on both sides
-    assert head["ratio_samples_per_s"] > 0 and "accuracy_difference_points" in head
-    assert {"environment", "git", "load_average"} <= set(head)
-
-    full = json.loads((tmp_path / "full.json").read_text())
-    assert full["a"]["spec"]["kind"] == "trainer" and full["b"]["spec"]["kind"] == "recipe"
-    assert full["a"]["trained_samples"] == full["b"]["trained_samples"] == 48
-    assert full["b"]["tokens"] > 0 and full["b"]["model_flops_per_s"] > 0
-    assert full["bf16_ceiling"]["mean_flops_per_s"] > 0 and 0 < full["fraction_of_bf16_ceiling"]
-
-    table = (tmp_path / "table.md").read_text()
-    assert table.startswith("| case |") and "| head (48 train, 24 test, 1 ep) |" in table and "| full (48 train" in table
-    assert readme.read_text() == f"# Speed\n<!-- speed:table -->\n{table}<!-- /speed:table -->\nafter\n"
+def test_pairs_run_side_a_then_b_per_seed_and_jobs_are_named_per_label():
+    grid = load_grid(GRIDS / "speed_text.yaml")
+    grid.seeds = [1, 2]  # two repeats: a, b, a, b for each pair
+    order = [(c.pair, c.seed, c.side, c.program.kind, c.program.name) for c in grid.cells()]
+    assert order[:4] == [("lora", 1, "a", "job", "trainer_text"), ("lora", 1, "b", "recipe", "text_classification"),
+                         ("lora", 2, "a", "job", "trainer_text"), ("lora", 2, "b", "recipe", "text_classification")]
+    assert [o[0] for o in order[4::4]] == ["head", "full"] and order[4][3:] == ("recipe", "text_classification")
+    command = runner.cell_command(grid, grid.cells()[0], "runs/x")
+    assert command[:3] == ["benchmarks/trainer_baseline.py", "--task", "text"] and "train.mixed_precision=no" in command
 
 
-def test_render_only_rewrites_every_readme_from_the_records(tmp_path):
-    """--render-only runs nothing: it renders the records in --out (here, copies of the committed ones)."""
-    for record in (ROOT / "benchmarks" / "results" / "speed").glob("*.json"):
-        (tmp_path / record.name).write_text(record.read_text())
+@pytest.mark.parametrize("old, new, message", [
+    ("  full: [full-trainer, full-recipe]\n", "", "every strategy must be a side of exactly one pair"),
+    ("lora: [lora-trainer, lora-recipe]", "lora: [lora-trainer, nope]", "'nope' is not a strategy label"),
+    ("{job: trainer_text,", "{job: trainer_nope,", "no job 'trainer_nope' is registered"),
+    ("{job: trainer_text,", "{jobs: trainer_text,", "one of `job` or `recipe`"),
+])
+def test_bad_pairs_and_unknown_jobs_are_one_line_errors(tmp_path, old, new, message):
+    (tmp_path / "bad.yaml").write_text((GRIDS / "speed_text.yaml").read_text().replace(old, new, 1))
+    with pytest.raises(PeftlabError, match=message):
+        load_grid(tmp_path / "bad.yaml")
+
+
+def _cell(pair, side, seed, phase_s, accuracy=0.8, kind="recipe", wall=10.0):
+    """A finished pairs-grid record with 100 training texts, 2 epochs and `phase_s` seconds of training phase."""
+    return {"grid": "g", "grid_file": "g.yaml", "cell": f"m__t__{pair}-{side}__seed{seed}", "status": "ok",
+            "backbone": "m", "strategy": f"{pair}-{side}", "task": "t", "seed": seed, "pair": pair, "side": side,
+            "position": {"backbone": 0, "strategy": 0 if pair == "lora" else 2, "task": 0},
+            "kind": kind, "program": "trainer_text" if kind == "job" else "text_classification",
+            "config": {"strategy": pair, "train": {"epochs": 2, "cache_frozen_features": side == "b"},
+                       "data": {"max_train_samples": 100, "max_eval_samples": 50}},
+            "data": {"rows": {"train": 100}}, "wall_time_s": wall, "peak_memory_mb": 900.0,
+            "phases_s": {"data": 5.0, "feature_cache": phase_s / 2, "train_steps": phase_s / 2, "test": 3.0},
+            "metrics": {"test": {"accuracy": accuracy}}}
+
+
+def test_pair_table_is_the_median_ratio_over_alternating_pairs():
+    records = [_cell("lora", "a", 1, 10.0, kind="job"), _cell("lora", "b", 1, 5.0, 0.9),
+               _cell("lora", "a", 2, 20.0, kind="job"), _cell("lora", "b", 2, 4.0, 0.9),
+               _cell("head", "a", 1, 8.0), _cell("head", "b", 1, 2.0)]
+    lora, head = pairs.pair_summaries(records)
+    assert lora["pair_ratios"] == [2.0, 5.0] and lora["ratio_samples_per_s"] == 3.5
+    assert lora["a"]["samples_per_s"] == 2 * 100 / 20.0  # the lower median of two: the slower run
+    assert lora["accuracy_difference_points"] == pytest.approx(10.0)
+    table = pairs.pairs_table([lora, head]).splitlines()
+    assert table[2] == ("| lora (100 train, 50 test, 2 ep) | a: trainer (lower median of 2) | 10.0 | 20.0 | 10.0 | 900 "
+                        "| 0.8000 |  |  |  |")
+    assert table[3].startswith("|  | b: recipe (lower median of 2) | 40.0 |")
+    assert "**3.50x** (median of 2.00, 5.00)" in table[3]
+    assert table[4].startswith("| head (100 train") and "a: recipe uncached" in table[4] and "**4.00x**" in table[5]
+
+
+def test_committed_speed_records_render_the_committed_table_into_every_readme(tmp_path):
+    """The retired speed.py's case records (benchmarks/results/speed) render through the report, byte for byte."""
+    committed = ROOT / "benchmarks" / "results" / "speed"
+    shutil.copytree(committed, tmp_path / "speed")
     readmes = [tmp_path / "SPEED.md", tmp_path / "README.md"]
     for readme in readmes:
         readme.write_text(f"# {readme.stem}\n<!-- speed:table -->\nold\n<!-- /speed:table -->\n")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--render-only",
-                           "--out", str(tmp_path), "--readme", *map(str, readmes)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(tmp_path / "speed"),
+                           "--readme", *map(str, readmes)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    table = (tmp_path / "table.md").read_text()
-    lora = json.loads((tmp_path / "lora.json").read_text())
-    assert f"**{lora['ratio_samples_per_s']:.2f}x**" in table and "| vision-full (" in table
+    table = (tmp_path / "speed" / "table.md").read_text()
+    assert table == (committed / "table.md").read_text()
+    lora = json.loads((committed / "lora.json").read_text())
+    assert f"**{lora['ratio_samples_per_s']:.2f}x** (median of 3.01, 3.85)" in table and "| vision-full (" in table
     for readme in readmes:
         assert readme.read_text() == f"# {readme.stem}\n<!-- speed:table -->\n{table}<!-- /speed:table -->\n"
+
+
+@pytest.mark.slow
+def test_speed_smoke_grid_end_to_end(tmp_path):
+    """speed_smoke.yaml: the Trainer job and the recipe on 1-layer MiniLM, 48 texts; records, then the b/a table."""
+    grid = load_grid(GRIDS / "speed_smoke.yaml")
+    done = runner.run_grid(grid, tmp_path / "results", tmp_path / "runs", progress=False)
+    assert done.failed == [] and len(done.launched) == 6
+    records = {r["cell"]: r for r in load_records(tmp_path / "results")}
+    shapes = {json.dumps(sorted(r)) for r in records.values()}
+    assert len(shapes) == 1  # a job cell's record has a recipe cell's keys
+    for record in records.values():
+        phases = record["phases_s"]
+        assert phases["train_steps"] > 0 and all(seconds >= 0 for seconds in phases.values())
+        assert record["data"]["rows"] == {"train": 48, "validation": 24, "test": 24}
+    trainer = records["minilm__rotten_tomatoes__lora-trainer__seed42"]
+    assert trainer["kind"] == "job" and trainer["mixed_precision"] == "no" and trainer["parameters"]["trainable"] > 0
+    assert "feature_cache" in records["minilm__rotten_tomatoes__head-cached__seed42"]["phases_s"]
+    assert "feature_cache" not in records["minilm__rotten_tomatoes__head-uncached__seed42"]["phases_s"]
+
+    readme = tmp_path / "SPEED.md"
+    readme.write_text("# Speed\n<!-- report:speed_smoke -->\nold\n<!-- /report:speed_smoke -->\nafter\n")
+    block, grid_name, table_path = render_pairs(tmp_path / "results")
+    assert grid_name == "speed_smoke" and table_path.read_text() == block
+    lines = block.splitlines()
+    assert lines[0].startswith("| case |") and lines[2].startswith("| lora (48 train, 24 test, 1 ep) | a: trainer |")
+    assert lines[4].startswith("| head (48 train") and "a: recipe uncached" in lines[4]
+    assert "b: recipe cached" in lines[5]
+    assert "python benchmarks/run.py benchmarks/grids/speed_smoke.yaml --results" in block

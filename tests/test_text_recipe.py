@@ -63,6 +63,19 @@ def test_other_strategies_run(tmp_path, strategy):
     assert json.loads((run / "model" / "peftlab_strategy.json").read_text())["name"] == strategy
 
 
+def test_metrics_json_says_where_the_time_went(tmp_path):
+    """phases_s is written by the engine: cached head (so the feature cache is a phase), every phase measured."""
+    metrics, run = run_main(tmp_path, "strategy=head", "train.cache_frozen_features=true")
+    phases = json.loads((run / "metrics.json").read_text())["phases_s"]
+    assert list(phases) == ["data", "model", "feature_cache", "train_steps", "evaluation", "checkpointing", "test"]
+    assert all(seconds >= 0 for seconds in phases.values()) and phases["train_steps"] > 0
+    assert phases["feature_cache"] > 0 and phases["evaluation"] > 0 and phases["checkpointing"] > 0
+    # train() splits its own time three ways, and samples/s is over the training steps alone.
+    assert metrics["train_time_s"] == pytest.approx(
+        phases["train_steps"] + phases["evaluation"] + phases["checkpointing"], abs=2e-3)
+    assert metrics["samples_per_s"] == pytest.approx(6 * 16 / phases["train_steps"], rel=1e-2)
+
+
 def test_existing_output_dir_is_refused(tmp_path):
     run_main(tmp_path)
     from peftlab import PeftlabError

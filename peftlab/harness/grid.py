@@ -10,6 +10,10 @@ A grid file (`benchmarks/grids/<name>.yaml`) holds:
     tasks: {rotten_tomatoes: [data.name=rotten_tomatoes]}
     seeds: [0, 1, 2]                     # each becomes train.seed=<seed>
 A cell's overrides are defaults + backbone + strategy + task + seed, in that order, so a later one wins.
+A label may also say what its cells run instead of the grid's recipe: `{job: trainer_text, overrides: [...]}` (a job
+registered in peftlab.harness.programs) or `{recipe: image_classification, overrides: [...]}`.
+A grid may compare its strategies in pairs: `pairs: {lora: [lora-trainer, lora-recipe]}` runs, for each pair and
+seed, side a then side b back to back (so both meet about the same load), and the report tabulates b against a.
 A grid may start from another: `base: text_minilm.yaml` (relative to the file) takes that grid's keys, replaces
 those the file sets, and appends the file's `defaults` to the base's (the `env` mappings merge the same way).
 """
@@ -23,8 +27,9 @@ from pathlib import Path
 import yaml
 
 from peftlab.errors import PeftlabError
+from peftlab.harness import programs
+from peftlab.harness.programs import REPO_ROOT, Program
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 AXES = ("backbones", "strategies", "tasks")
 # Labels become parts of file names: keep them to letters, digits, `.`, `_` and `-`.
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -46,6 +51,12 @@ class Cell:
     overrides: tuple[str, ...]
     position: dict = field(hash=False, compare=False)
     """Index of the cell's label on each axis, so reports keep the grid's row and column order."""
+    program: Program | None = None
+    """What the cell runs (the grid's recipe unless one of its labels names another recipe or a job)."""
+    pair: str | None = None
+    """The pair this cell is a side of, in a grid with `pairs`."""
+    side: str | None = None
+    """"a" or "b" within its pair."""
 
 
 @dataclass
@@ -62,14 +73,20 @@ class Grid:
     strategies: dict[str, list[str]]
     tasks: dict[str, list[str]]
     seeds: list[int]
+    programs: dict[str, Program] = field(default_factory=dict)
+    """`<axis>.<label>` -> the program that label's cells run instead of the grid's recipe."""
+    pairs: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Pair name -> (side a, side b) strategy labels."""
 
-    @property
-    def recipe_path(self) -> Path:
-        """The recipe script every cell runs."""
-        return REPO_ROOT / "recipes" / f"{self.recipe}.py"
+    def program_of(self, backbone: str, strategy: str, task: str) -> Program:
+        """What a cell with these labels runs: the last of its labels that names a program, else the grid's recipe."""
+        named = [self.programs[key] for key in (f"backbones.{backbone}", f"strategies.{strategy}", f"tasks.{task}")
+                 if key in self.programs]
+        return named[-1] if named else programs.recipe(self.recipe, str(self.path))
 
     def cells(self) -> list[Cell]:
-        """Every cell, backbone-major then strategy, task and seed (the order the runner goes through them)."""
+        """Every cell, in the order the runner goes through them: backbone-major then strategy, task and seed; in a
+        grid with pairs, backbone and task, then pair, seed and side, so the two sides of a pair run back to back."""
         cells = []
         for b, (backbone, backbone_overrides) in enumerate(self.backbones.items()):
             for s, (strategy, strategy_overrides) in enumerate(self.strategies.items()):
@@ -77,9 +94,16 @@ class Grid:
                     for seed in self.seeds:
                         overrides = (*self.defaults, *backbone_overrides, *strategy_overrides, *task_overrides,
                                      f"train.seed={seed}")
+                        pair, side = next(((name, "ab"[sides.index(strategy)]) for name, sides in self.pairs.items()
+                                           if strategy in sides), (None, None))
                         cells.append(Cell(id=cell_id(backbone, task, strategy, seed), backbone=backbone,
                                           strategy=strategy, task=task, seed=seed, overrides=overrides,
-                                          position={"backbone": b, "strategy": s, "task": t}))
+                                          position={"backbone": b, "strategy": s, "task": t},
+                                          program=self.program_of(backbone, strategy, task), pair=pair, side=side))
+        if self.pairs:
+            pair_order = list(self.pairs)
+            cells.sort(key=lambda c: (c.position["backbone"], c.position["task"], pair_order.index(c.pair), c.seed,
+                                      c.side))
         return cells
 
 
@@ -96,17 +120,18 @@ def load_grid(path: str | Path) -> Grid:
         if not raw.get(key):
             raise PeftlabError(f"{path}: {key} is missing or empty")
 
+    axes, named = {}, {}
+    for axis in AXES:
+        axes[axis], axis_programs = _axis(raw[axis], f"{path}: {axis}")
+        named.update({f"{axis}.{label}": program for label, program in axis_programs.items()})
     grid = Grid(
         name=path.stem, path=path, recipe=str(raw["recipe"]), config=raw.get("config"),
         env={**DEFAULT_ENV, **{str(k): str(v) for k, v in (raw.get("env") or {}).items()}},
-        defaults=_overrides(raw.get("defaults"), f"{path}: defaults"),
-        **{axis: _axis(raw[axis], f"{path}: {axis}") for axis in AXES},
-        seeds=_seeds(raw["seeds"], f"{path}: seeds"),
+        defaults=_overrides(raw.get("defaults"), f"{path}: defaults"), **axes,
+        seeds=_seeds(raw["seeds"], f"{path}: seeds"), programs=named,
+        pairs=_pairs(raw.get("pairs"), list(axes["strategies"]), f"{path}: pairs"),
     )
-    if not grid.recipe_path.is_file():
-        found = sorted(p.stem for p in (REPO_ROOT / "recipes").glob("*.py") if p.stem != "__init__")
-        raise PeftlabError(f"{path}: recipe {grid.recipe!r} has no recipes/{grid.recipe}.py (choose one of: "
-                           f"{', '.join(found)})")
+    programs.recipe(grid.recipe, str(path))  # a missing recipe fails here, in one line
     if grid.config is not None and not (REPO_ROOT / grid.config).is_file():
         raise PeftlabError(f"{path}: config {grid.config} does not exist (paths are relative to the repository root)")
     return grid
@@ -123,7 +148,7 @@ def _read_raw(path: Path, seen: tuple[Path, ...]) -> dict:
         raise PeftlabError(f"grid file {path} is not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(raw, dict):
         raise PeftlabError(f"grid file {path} must hold a mapping (recipe, defaults, backbones, ...)")
-    known = {"base", "recipe", "config", "env", "defaults", *AXES, "seeds"}
+    known = {"base", "recipe", "config", "env", "defaults", *AXES, "seeds", "pairs"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise PeftlabError(f"{path}: unknown key {unknown[0]!r} (valid keys: {', '.join(sorted(known))})")
@@ -137,17 +162,44 @@ def _read_raw(path: Path, seen: tuple[Path, ...]) -> dict:
     return {**base, **raw, "defaults": defaults, "env": {**(base.get("env") or {}), **(raw.get("env") or {})}}
 
 
-def _axis(value, where: str) -> dict[str, list[str]]:
+def _axis(value, where: str) -> tuple[dict[str, list[str]], dict[str, Program]]:
+    """{label: overrides} of one axis, and {label: program} for the labels that name a recipe or job of their own."""
     if not isinstance(value, dict):
         raise PeftlabError(f"{where} must map labels to lists of key=value overrides, e.g. lora-r8: [strategy=lora]")
-    axis = {}
-    for label, overrides in value.items():
+    axis, named = {}, {}
+    for label, entry in value.items():
         label = str(label)
         if not _LABEL.match(label) or "__" in label:
             raise PeftlabError(f"{where}: label {label!r} must use letters, digits, '.', '_' or '-' "
                                "(no '__', which separates the parts of a cell id)")
-        axis[label] = _overrides(overrides, f"{where}.{label}")
-    return axis
+        if isinstance(entry, dict):
+            entry = dict(entry)
+            overrides = entry.pop("overrides", None)
+            if len(entry) != 1 or next(iter(entry)) not in ("job", "recipe"):
+                raise PeftlabError(f"{where}.{label}: a mapping holds `overrides` and one of `job` or `recipe`, "
+                                   f"got keys {sorted(entry)}")
+            (kind, name), = entry.items()
+            named[label] = getattr(programs, kind)(str(name), f"{where}.{label}")
+            entry = overrides
+        axis[label] = _overrides(entry, f"{where}.{label}")
+    return axis, named
+
+
+def _pairs(value, strategies: list[str], where: str) -> dict[str, tuple[str, str]]:
+    """{pair: (side a, side b)}; every strategy label is a side of exactly one pair (labels, not overrides)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, list) and len(v) == 2 for v in value.values()):
+        raise PeftlabError(f"{where} must map pair names to [side a, side b] strategy labels, "
+                           "e.g. lora: [trainer, recipe]")
+    sides = [str(label) for labels in value.values() for label in labels]
+    unknown = sorted(set(sides) - set(strategies))
+    if unknown:
+        raise PeftlabError(f"{where}: {unknown[0]!r} is not a strategy label (labels: {', '.join(strategies)})")
+    if sorted(sides) != sorted(strategies):
+        raise PeftlabError(f"{where}: every strategy must be a side of exactly one pair (strategies: "
+                           f"{', '.join(strategies)}; sides: {', '.join(sides)})")
+    return {str(name): (str(a), str(b)) for name, (a, b) in value.items()}
 
 
 def _overrides(value, where: str) -> list[str]:

@@ -11,7 +11,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from harness.grid import REPO_ROOT
+from peftlab.harness.programs import REPO_ROOT, Program
 
 PACKAGES = ("peftlab", "torch", "transformers", "peft", "accelerate", "datasets")
 
@@ -60,17 +60,19 @@ def git_state() -> dict:
     return {"sha": sha, "dirty": None if status is None else bool(status)}
 
 
-def source_fingerprint(recipe: str) -> str:
-    """sha256 over the paths and bytes of the code a cell of `recipe` runs, as it is right now: the peftlab package,
-    the recipe script and the recipe configs (other recipes are left out, so editing them changes nothing here).
+def source_fingerprint(program: Program) -> str:
+    """sha256 over the paths and bytes of the code a cell of `program` runs, as it is right now: the peftlab package,
+    the program's script and the recipe configs (other recipes are left out, so editing them changes nothing here).
 
     With uncommitted changes the commit SHA alone does not say which code produced a number; this does.
     """
-    patterns = ("peftlab/**/*.py", "peftlab/**/*.json", f"recipes/{recipe}.py", "recipes/configs/**/*.yaml")
-    files = sorted({p for pattern in patterns for p in REPO_ROOT.glob(pattern) if "__pycache__" not in p.parts})
+    patterns = ("peftlab/**/*.py", "peftlab/**/*.json", "recipes/configs/**/*.yaml")
+    files = {p for pattern in patterns for p in REPO_ROOT.glob(pattern) if "__pycache__" not in p.parts}
+    files.add(REPO_ROOT / program.script)  # a job's script may live outside the checkout (an absolute path)
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.relative_to(REPO_ROOT).as_posix()}\0".encode())
+    for path in sorted(files):
+        shown = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
+        digest.update(f"{shown.as_posix()}\0".encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -80,40 +82,40 @@ def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-# Which loader rebuilds a recipe's splits from the resolved `data` section (the same call the recipe makes).
-def _load_splits(recipe: str, data: dict):
+# Which loader rebuilds a run's splits from the resolved `data` section (the same call the recipe makes).
+def _load_splits(task: str | None, data: dict):
     common = dict(validation_fraction=data["validation_fraction"], test_fraction=data["test_fraction"],
                   split_seed=data["split_seed"], max_train_samples=data["max_train_samples"],
                   max_eval_samples=data["max_eval_samples"])
-    if recipe == "text_classification":
+    if task == "text":
         from peftlab.data.text import load_text_dataset
 
         return load_text_dataset(data["name"], text_column=data["text_column"], label_column=data["label_column"],
                                  **common).splits
-    if recipe == "image_classification":
+    if task == "image":
         from peftlab.data.image import load_image_dataset
 
         return load_image_dataset(data["name"], label_column=data["label_column"], **common).splits
     return None
 
 
-def data_fingerprint(recipe: str, data: dict) -> dict | None:
+def data_fingerprint(task: str | None, data: dict) -> dict | None:
     """sha256 of the exact train/validation/test examples a run used, independent of their order.
 
     Each example hashes to sha256(label, text or image pixels); a split hashes its sorted example hashes, and the
     data hash covers the split names and hashes. Two runs with the same hash saw the same examples in each split.
     Args:
-        recipe: the recipe name (picks the text or image loader; None for recipes it does not know).
+        task: "text" or "image" (picks the loader, as the program's `task` says; None: no hash).
         data: the run's resolved `data` config section (from its config.yaml).
     """
-    key = json.dumps([recipe, data], sort_keys=True)
+    key = json.dumps([task, data], sort_keys=True)
     return _fingerprint_cached(key)
 
 
 @functools.lru_cache(maxsize=8)  # one grid task = one data config: hash it once per runner process
 def _fingerprint_cached(key: str) -> dict | None:
-    recipe, data = json.loads(key)
-    splits = _load_splits(recipe, data)
+    task, data = json.loads(key)
+    splits = _load_splits(task, data)
     return None if splits is None else splits_fingerprint(splits)
 
 

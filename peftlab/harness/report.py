@@ -1,4 +1,18 @@
-"""Tables and plots rendered from a grid's JSON records alone (never edited by hand).
+"""Render a grid's records into a Markdown table (LoRA-paper style), CSVs and a plot of accuracy vs parameters.
+
+    python benchmarks/report.py benchmarks/results/text_minilm
+    python benchmarks/report.py benchmarks/results/text_minilm --readme benchmarks/README.md   # also refresh README
+    python benchmarks/report.py benchmarks/results/glue_roberta_base --split validation       # dev-set protocol
+    python benchmarks/report.py benchmarks/results/text_minilm --compare runs/rerun/records    # re-runs reproduce?
+    python benchmarks/report.py benchmarks/results/speed_text --readme benchmarks/SPEED.md    # a grid with pairs
+(`python -m peftlab.harness.report` is the same command.)
+
+Writes table.md, summary.csv, cells.csv and <metric>_vs_params.png beside the records (or under --out), from the
+JSON records alone; --readme replaces the README block between `<!-- report:<grid> -->` and `<!-- /report:<grid> -->`.
+A grid with pairs (the speed grids) renders its b-against-a table instead (peftlab.harness.pairs); a folder of the
+retired speed.py's per-case records renders that table between `<!-- speed:table -->` markers.
+--compare takes a folder of re-run cells (`run.py <grid> --only <cell> --results <folder>`), prints each beside its
+committed record and exits 1 unless every re-run lies within its row's spread over seeds; it writes nothing.
 
 Table layout follows the LoRA paper (Hu et al. 2021, Table 2): one row per method with its trainable parameters,
 one column per task, then the average; each entry is mean ± std over seeds, in percent.
@@ -6,17 +20,20 @@ one column per task, then the average; each entry is mean ± std over seeds, in 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
 import re
 import shlex
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.grid import REPO_ROOT
 from peftlab.errors import PeftlabError
+from peftlab.harness import pairs
+from peftlab.harness.programs import REPO_ROOT
 
 SPLITS = ("test", "validation")
 METRICS = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
@@ -388,3 +405,81 @@ def compare_reruns(summary: Summary, reruns: list[dict], split: str = "test",
         lines.append(f"| {rerun['cell']} | {before:.2f} | {after:.2f} | {after - before:+.2f} | {stat.std:.2f} | "
                      f"{'yes' if within else 'no'} |")
     return "\n".join(lines), reproduced
+
+
+def render_pairs(results_dir: Path, out_dir: Path | None = None, *, command: str = "") -> tuple[str, str, Path]:
+    """table.md of a pairs grid's records (or of the retired speed.py's case records) in `out_dir` (default: there).
+
+    Returns the README block, the grid name it belongs under (None for case records: their `speed:table` markers)
+    and the table's path.
+    """
+    out_dir = Path(out_dir or results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = pairs.load_case_records(results_dir)
+    if cases:
+        table = pairs.pairs_table(cases)
+        (out_dir / "table.md").write_text(table + "\n")
+        return table, None, out_dir / "table.md"
+    summary = summarize(load_records(results_dir))
+    summary.commands = [run_command(summary, results_dir), command or f"python benchmarks/report.py {results_dir}"]
+    block = "\n".join([pairs.pairs_table(pairs.pair_summaries(summary.records)), "",
+                       *(["Failed cells (from their records):", "", failures_list(summary), ""]
+                         if summary.failed else []),
+                       f"Provenance: {provenance_line(summary)}", "", "Reproduce:", "", "```", *summary.commands,
+                       "```", ""])
+    (out_dir / "table.md").write_text(block)
+    return block, summary.grid, out_dir / "table.md"
+
+
+def _holds_pairs(results_dir: Path) -> bool:
+    if pairs.load_case_records(results_dir):
+        return True
+    try:
+        return pairs.is_pairs(load_records(results_dir))
+    except PeftlabError:
+        return False
+
+
+def main(argv=None) -> int:
+    """`benchmarks/report.py RESULTS`: write the tables, CSVs and plot of a records folder (exit 2 on bad input)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a grid's records folder, e.g. benchmarks/results/smoke")
+    parser.add_argument("--out", type=Path, help="where to write the table, CSVs and plot (default: the records folder)")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="which split's metrics to tabulate")
+    parser.add_argument("--metric", choices=tuple(METRICS), default="accuracy")
+    parser.add_argument("--readme", type=Path, nargs="+", action="extend", default=[],
+                        help="also replace this grid's block in these READMEs")
+    parser.add_argument("--compare", type=Path, metavar="RERUNS",
+                        help="a folder of re-run cells: check each against its committed record, write nothing")
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "benchmarks/report.py", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        if args.compare:
+            table, reproduced = compare_reruns(summarize(load_records(args.results)), load_records(args.compare),
+                                               args.split, args.metric)
+            print(table)
+            return 0 if reproduced else 1
+        if _holds_pairs(args.results):
+            block, grid, table_path = render_pairs(args.results, args.out, command=command)
+            for readme in args.readme:
+                if grid is None:
+                    write_between_markers(readme, *pairs.CASE_MARKERS, block, what="the speed table")
+                else:
+                    update_readme(readme, grid, block)
+            paths = {"table": table_path}
+        else:
+            summary, paths = render(args.results, args.out, split=args.split, metric=args.metric, command=command)
+            for readme in args.readme:
+                block = markdown_report(summary, args.split, args.metric,
+                                        plot_link=relative_link(paths["plot"], readme.parent))
+                update_readme(readme, summary.grid, block)
+    except PeftlabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(paths["table"].read_text())
+    print("wrote " + ", ".join(str(p) for p in [*paths.values(), *args.readme]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,16 +1,26 @@
-"""Run a grid's cells, each in its own subprocess, writing one JSON record per cell; finished cells are skipped.
+"""Run a benchmark grid: one subprocess per cell, one JSON record per cell; cells with a record are skipped.
+
+    python benchmarks/run.py benchmarks/grids/text_minilm.yaml                 # fill in the missing cells
+    python benchmarks/run.py benchmarks/grids/text_minilm.yaml --list          # cells, commands and status
+    python benchmarks/run.py benchmarks/grids/text_minilm.yaml --only '*lora-r8*seed0'
+    nice -n 5 python benchmarks/run.py benchmarks/grids/text_minilm.yaml       # on a shared machine
+(`python -m peftlab.harness.runner` is the same command.)
 
 A record is `<results_dir>/<cell id>.json` with `status` "ok" or "failed". The run folder a cell writes (weights,
-checkpoints, logs) goes to `<runs_dir>/<cell id>/`, outside git; only the records are committed.
+checkpoints, logs) goes to `<runs_dir>/<cell id>/`, outside git; only the records are committed: by default
+benchmarks/results/<grid>/ and runs/benchmarks/<grid>/.
+Then render tables and the plot: python benchmarks/report.py benchmarks/results/<grid>
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fnmatch
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -21,8 +31,10 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from harness.grid import REPO_ROOT, Cell, Grid
-from harness.provenance import data_fingerprint, environment, folder_size, git_state, source_fingerprint
+from peftlab.errors import PeftlabError
+from peftlab.harness.grid import Cell, Grid, load_grid
+from peftlab.harness.programs import REPO_ROOT
+from peftlab.harness.provenance import data_fingerprint, environment, folder_size, git_state, source_fingerprint
 
 RECORD_VERSION = 1
 
@@ -138,9 +150,10 @@ def claim(lock: Path):
 
 
 def cell_command(grid: Grid, cell: Cell, run_dir: Path | str) -> list[str]:
-    """The recipe arguments of a cell: the grid's overrides, then the run folder (replaced if a partial run is there)."""
+    """The script arguments of a cell (a recipe or a job): the grid's overrides, then the run folder (replaced if a
+    partial run is there)."""
     config = ["--config", grid.config] if grid.config else []
-    return [f"recipes/{grid.recipe}.py", *config, *cell.overrides, f"output_dir={run_dir}", "overwrite=true"]
+    return [*cell.program.command(), *config, *cell.overrides, f"output_dir={run_dir}", "overwrite=true"]
 
 
 def run_cell(grid: Grid, cell: Cell, runs_dir: Path, *, timeout_s: float | None = None) -> dict:
@@ -149,7 +162,7 @@ def run_cell(grid: Grid, cell: Cell, runs_dir: Path, *, timeout_s: float | None 
     log_path = runs_dir / f"{cell.id}.log"  # beside the run folder: the recipe empties that folder when it starts
     command = [sys.executable, *cell_command(grid, cell, run_dir)]
     env = {**os.environ, **grid.env}
-    source = source_fingerprint(grid.recipe)  # taken at launch: the code the subprocess imports
+    source = source_fingerprint(cell.program)  # taken at launch: the code the subprocess imports
     start = time.perf_counter()
     with open(log_path, "w") as log:
         try:
@@ -163,24 +176,28 @@ def run_cell(grid: Grid, cell: Cell, runs_dir: Path, *, timeout_s: float | None 
     record = {
         "record_version": RECORD_VERSION, "grid": grid.name, "grid_file": _shown_path(grid.path), "cell": cell.id,
         "status": "ok", "backbone": cell.backbone, "strategy": cell.strategy, "task": cell.task, "seed": cell.seed,
-        "position": cell.position, "overrides": list(cell.overrides), "env": grid.env,
+        "position": cell.position, "kind": cell.program.kind, "program": cell.program.name,
+        **({"pair": cell.pair, "side": cell.side} if cell.pair else {}),
+        "overrides": list(cell.overrides), "env": grid.env,
         "command": shlex.join(["python", *cell_command(grid, cell, _shown_path(run_dir))]),
         "returncode": returncode, "wall_time_s": round(wall_time_s, 2), "log": _shown_path(log_path),
         "run_dir": _shown_path(run_dir),
     }
     metrics_path = run_dir / "metrics.json"
     if error is None and not metrics_path.is_file():
-        error = f"the recipe exited 0 but wrote no {_shown_path(metrics_path)}"
+        error = f"the {cell.program.kind} exited 0 but wrote no {_shown_path(metrics_path)}"
     if error is not None:
         record.update(status="failed", error=error)
     else:
-        record.update(_run_outputs(grid, run_dir))
+        record.update(_run_outputs(cell.program.task, run_dir))
+    # The load average says how much other work shared the machine with the cell (timings depend on it).
     record.update(environment=environment(), git={**git_state(), "source_sha256": source},
+                  load_average=[round(load, 2) for load in os.getloadavg()],
                   finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return record
 
 
-def _run_outputs(grid: Grid, run_dir: Path) -> dict:
+def _run_outputs(task: str | None, run_dir: Path) -> dict:
     """Metrics, parameter counts, cost and data hash of a finished run folder."""
     from peftlab.training import resolve_mixed_precision
 
@@ -192,18 +209,19 @@ def _run_outputs(grid: Grid, run_dir: Path) -> dict:
         "train_time_s": metrics["train_time_s"],
         "samples_per_s": metrics["samples_per_s"],
         "peak_memory_mb": metrics["peak_memory_mb"],
+        "phases_s": metrics.get("phases_s"),  # absent from runs made before the engine timed its phases
         "model_size_bytes": folder_size(run_dir / "model"),
         # `auto` precision depends on the machine: record what it resolved to here (bf16 where the CPU has it).
         "mixed_precision": resolve_mixed_precision(config["train"]["mixed_precision"]),
         "config": config,
-        "data": _data_or_error(grid.recipe, config["data"]),
+        "data": _data_or_error(task, config["data"]),
     }
 
 
-def _data_or_error(recipe: str, data: dict) -> dict | None:
+def _data_or_error(task: str | None, data: dict) -> dict | None:
     # The run itself succeeded: a data source that cannot be re-read here (a Hub outage) must not lose its record.
     try:
-        return data_fingerprint(recipe, data)
+        return data_fingerprint(task, data)
     except Exception as err:  # noqa: BLE001 - any loader failure becomes a note in the record
         return {"sha256": None, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
 
@@ -231,3 +249,53 @@ def _shown_path(path: Path) -> str:
         return str(path.relative_to(REPO_ROOT))
     except ValueError:
         return str(path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("grid", help="a grid file, e.g. benchmarks/grids/smoke.yaml")
+    parser.add_argument("--results", type=Path, help="records folder (default: benchmarks/results/<grid>)")
+    parser.add_argument("--runs", type=Path, help="run folders (default: runs/benchmarks/<grid>)")
+    parser.add_argument("--only", action="append", metavar="PATTERN",
+                        help="run only cells whose id matches this shell pattern (repeatable)")
+    parser.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as failed")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS", help="record a cell as failed after this long")
+    parser.add_argument("--list", action="store_true", help="print each cell's status and command, run nothing")
+    return parser.parse_args(argv)
+
+
+def list_cells(grid: Grid, results_dir: Path, runs_dir: Path) -> None:
+    """Each cell's status (ok, failed or todo) and the command that runs it."""
+    for cell in grid.cells():
+        record = read_record(results_dir / f"{cell.id}.json")
+        status = record["status"] if record else "todo"
+        print(f"{status:7} {cell.id}\n        python {' '.join(cell_command(grid, cell, runs_dir / cell.id))}")
+
+
+def main(argv=None) -> int:
+    """`benchmarks/run.py GRID`: run the grid's missing cells; exit 1 when a cell failed, 2 on a bad grid."""
+    args = parse_args(argv)
+    try:
+        grid = load_grid(args.grid)
+    except PeftlabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    results_dir = args.results or default_results_dir(grid)
+    runs_dir = args.runs or default_runs_dir(grid)
+    if args.list:
+        list_cells(grid, results_dir, runs_dir)
+        return 0
+    # A plain `kill` of the runner should stop its cell too: SystemExit inside subprocess.run kills the child.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    done = run_grid(grid, results_dir, runs_dir, only=args.only, retry_failed=args.retry_failed,
+                    timeout_s=args.timeout)
+    print(f"{grid.name}: ran {len(done.launched)} cells ({len(done.failed)} failed), "
+          f"skipped {len(done.skipped)} with a record in {results_dir}")
+    if done.failed or done.kept_failures:
+        print(f"failed cells: {', '.join(done.failed + done.kept_failures)}; each record holds its error line; "
+              "fix the cause, then rerun them with --retry-failed")
+    return 1 if done.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

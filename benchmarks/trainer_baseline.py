@@ -1,0 +1,186 @@
+"""The usual loop, for comparison: `transformers.Trainer` (+ `peft` LoRA), fp32, on a recipe's config.
+
+    python benchmarks/trainer_baseline.py --task text strategy=lora train.mixed_precision=no output_dir=runs/x
+    python benchmarks/trainer_baseline.py --task image --config recipes/configs/x.yaml train.mixed_precision=no
+
+A harness job (`trainer_text` / `trainer_image` in peftlab.harness.programs): it takes the recipe's config and
+`key=value` overrides and leaves what a recipe run leaves for the record (config.yaml, metrics.json with phases_s,
+model/), so the speed grids (benchmarks/grids/speed_*.yaml) pair it with the recipe on one config. What differs from
+the recipe is what the usual loop does: texts padded to `data.max_length`, fp32, the whole model in train mode,
+Trainer's own evaluation and checkpointing each epoch, the best epoch's weights loaded at the end.
+Strategies: lora (r, alpha and dropout from strategy_options.lora, on the modules peftlab's lora finds, head trained
+in full) and full. Same data splits, backbone, mean pooling and image transforms as the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from accelerate.utils import set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from peftlab import PeftlabError, count_parameters
+from peftlab.config import RecipeConfig, run_cli, save_config
+from peftlab.heads import find_head
+from peftlab.metrics import compute_classification_metrics, scalar_metrics
+from peftlab.phases import PhaseTimer
+from peftlab.runs import CONFIG_FILE, METRICS_FILE, prepare_output_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIGS = {"text": ROOT / "recipes" / "configs" / "minilm_lora_rotten_tomatoes.yaml",
+                   "image": ROOT / "recipes" / "configs" / "efficientnet_lite0_lora_animal_mnist.yaml"}
+
+
+def main(cfg: RecipeConfig, task: str) -> dict:
+    """Train and test with `transformers.Trainer`, then write config.yaml, metrics.json and model/ like a recipe."""
+    if cfg.strategy not in ("lora", "full"):
+        raise PeftlabError(f"the Trainer baseline runs strategy lora or full, not {cfg.strategy!r}")
+    if cfg.train.mixed_precision != "no":
+        raise PeftlabError("the Trainer baseline trains in fp32; set train.mixed_precision=no (its config records it)")
+    phases = PhaseTimer()
+    set_seed(cfg.train.seed)
+    train_set, eval_set, test_set, backbone, label_names = load_sets(cfg, task, phases)
+    model = backbone.model
+    if cfg.strategy == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        from peftlab.strategies.lora import find_lora_targets
+
+        heads = find_head(model)  # the modules peftlab's lora strategy targets; the new head trains in full
+        options = cfg.strategy_options.get("lora", {})
+        model = get_peft_model(model, LoraConfig(
+            r=options.get("r", 8), lora_alpha=options.get("alpha", 16), lora_dropout=options.get("dropout", 0.0),
+            target_modules=find_lora_targets(model, heads), modules_to_save=heads))
+    counts = count_parameters(model)
+    output_dir = prepare_output_dir(cfg)
+    phases.lap("model")
+
+    def compute_metrics(prediction) -> dict:
+        predicted = prediction.predictions.argmax(-1)
+        return scalar_metrics(compute_classification_metrics(predicted, prediction.label_ids, label_names))
+
+    arguments = TrainingArguments(
+        output_dir=str(output_dir / "checkpoints"), num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps or -1, per_device_train_batch_size=cfg.train.batch_size,
+        per_device_eval_batch_size=cfg.train.eval_batch_size, learning_rate=cfg.train.lr,
+        warmup_steps=cfg.train.warmup_ratio, weight_decay=cfg.train.weight_decay, lr_scheduler_type=cfg.train.scheduler,
+        max_grad_norm=cfg.train.max_grad_norm or 0.0, eval_strategy="epoch", save_strategy="epoch",
+        load_best_model_at_end=True, metric_for_best_model=cfg.train.metric_for_best, save_total_limit=1,
+        save_only_model=True, report_to="none", seed=cfg.train.seed, use_cpu=True, disable_tqdm=True,
+        remove_unused_columns=False, label_names=["labels"], logging_steps=cfg.train.log_every or 10)
+    timer = PhaseCallback()
+    trainer = Trainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=eval_set,
+                      compute_metrics=compute_metrics, callbacks=[timer])
+    start = time.perf_counter()
+    state = trainer.train()
+    train_time = time.perf_counter() - start
+    steps_s = max(train_time - timer.evaluation_s - timer.checkpointing_s, 1e-9)
+    for phase, seconds in {"train_steps": steps_s, "evaluation": timer.evaluation_s,
+                           "checkpointing": timer.checkpointing_s}.items():
+        phases.add(phase, seconds)
+
+    with phases.measure("test"):
+        prediction = trainer.predict(test_set)
+        test = compute_classification_metrics(prediction.predictions.argmax(-1), prediction.label_ids, label_names)
+    best = next((h for h in trainer.state.log_history
+                 if h.get("step") == _step_of(trainer.state.best_model_checkpoint) and "eval_loss" in h), {})
+    trainer.save_model(str(output_dir / "model"))
+    metrics = {
+        "validation": {k.removeprefix("eval_"): v for k, v in best.items() if k.startswith("eval_")
+                       and not k.endswith(("_runtime", "_per_second"))},
+        "test": test, "best_step": _step_of(trainer.state.best_model_checkpoint), "global_step": state.global_step,
+        "stopped_early": False, "train_time_s": train_time,
+        "samples_per_s": trainer.state.epoch * len(train_set) / steps_s,  # epoch: fractional under max_steps
+        "peak_memory_mb": _peak_memory_mb(), "phases_s": phases.as_dict(),
+        "parameters": {"trainable": counts.trainable, "total": counts.total, "head": counts.head,
+                       "trainable_without_head": counts.trainable_without_head,
+                       "trainable_percent": round(counts.trainable_percent, 4),
+                       "rule": "trainable includes the task head; trainable_without_head is the LoRA paper's rule"}}
+    save_config(cfg, output_dir / CONFIG_FILE)
+    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"test accuracy {test['accuracy']:.4f} ({train_time:.0f} s in trainer.train())")
+    return metrics
+
+
+class PhaseCallback(TrainerCallback):
+    """Seconds of Trainer's evaluations and checkpoint saves: it evaluates, then saves, right after each epoch ends."""
+
+    def __init__(self):
+        self.evaluation_s = self.checkpointing_s = 0.0
+        self._mark = None
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._mark = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.evaluation_s += now - (self._mark or now)
+        self._mark = now
+
+    def on_save(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.checkpointing_s += now - (self._mark or now)
+        self._mark = None
+
+
+def load_sets(cfg: RecipeConfig, task: str, phases: PhaseTimer):
+    """Train, validation and test sets as the recipe splits them (texts padded to max_length), the backbone, labels;
+    the data and model phases timed as the recipe times them."""
+    from peftlab.backbones import load_backbone
+
+    data_options = dict(validation_fraction=cfg.data.validation_fraction, test_fraction=cfg.data.test_fraction,
+                        split_seed=cfg.data.split_seed, max_train_samples=cfg.data.max_train_samples,
+                        max_eval_samples=cfg.data.max_eval_samples)
+    if task == "text":
+        from peftlab.data.text import load_text_dataset
+        from peftlab.pooling import apply_mean_pooling
+
+        data = load_text_dataset(cfg.data.name, text_column=cfg.data.text_column,
+                                 label_column=cfg.data.label_column, **data_options)
+        phases.lap("data")
+        backbone = load_backbone(cfg.model.name, task="text", num_labels=data.num_labels, label_names=data.label_names,
+                                 num_hidden_layers=cfg.model.num_hidden_layers, dropout=cfg.model.dropout)
+        if cfg.model.pooling == "mean":
+            apply_mean_pooling(backbone.model)
+        phases.lap("model")
+        tokenizer = backbone.tokenizer
+        encoded = data.splits.map(lambda batch: tokenizer(batch["text"], truncation=True, padding="max_length",
+                                                          max_length=cfg.data.max_length),
+                                  batched=True, remove_columns=["text"]).rename_column("label", "labels")
+        encoded.set_format("torch")
+        sets = encoded["train"], encoded["validation"], encoded["test"]
+    else:
+        from peftlab.data.image import TransformedImages, load_image_dataset
+        from peftlab.data.transforms import build_image_transform
+
+        data = load_image_dataset(cfg.data.name, label_column=cfg.data.label_column, **data_options)
+        phases.lap("data")
+        backbone = load_backbone(cfg.model.name, task="image", num_labels=data.num_labels,
+                                 label_names=data.label_names, dropout=cfg.model.dropout)
+        phases.lap("model")
+        transform = build_image_transform(cfg.data.image_size, backbone.image_mean, backbone.image_std, train=False)
+        sets = tuple(TransformedImages(data.splits[s], transform) for s in ("train", "validation", "test"))
+    phases.lap("data")
+    return (*sets, backbone, data.label_names)
+
+
+def _step_of(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None
+
+
+def _peak_memory_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    task = argv[argv.index("--task") + 1] if "--task" in argv else "text"
+    if task not in DEFAULT_CONFIGS:
+        sys.exit(f"error: --task is text or image, not {task!r}")
+    rest = [a for i, a in enumerate(argv) if a != "--task" and (i == 0 or argv[i - 1] != "--task")]
+    run_cli(lambda cfg: main(cfg, task), rest, default_config=str(DEFAULT_CONFIGS[task]))

@@ -1,0 +1,70 @@
+"""What a cell launches: a recipe (`recipes/<name>.py`) or a registered job, both through the same launcher.
+
+Every program is a script run as `python <script> [args] [--config C] key=value ... output_dir=<run> overwrite=true`
+that leaves `metrics.json` and `config.yaml` in `<run>` in the recipe's shapes, so every cell gives the same record.
+A job is what is not a recipe but is measured like one: the `transformers.Trainer` baseline, a fused or exported
+model's evaluation. Register one with `register_job`; grids name it with `{job: <name>, overrides: [...]}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from peftlab.errors import PeftlabError
+
+# The checkout the harness runs in: recipes/, benchmarks/ and runs/ sit beside the package (an editable install).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Which data loader re-reads a recipe's splits for the data hash (peftlab.harness.provenance).
+RECIPE_TASKS = {"text_classification": "text", "image_classification": "image"}
+
+
+@dataclass(frozen=True)
+class Program:
+    """A script a cell runs, and how its run folder's data section is re-read for the record's data hash."""
+
+    kind: str
+    """"recipe" or "job"."""
+    name: str
+    script: str
+    """Relative to the repository root."""
+    args: tuple[str, ...] = ()
+    """Fixed arguments before the cell's own (e.g. `--task text`)."""
+    task: str | None = None
+    """"text" or "image": the loader that rebuilds its splits; None leaves the record's data hash out."""
+
+    def command(self) -> list[str]:
+        """The script and its fixed arguments, relative to the repository root."""
+        return [self.script, *self.args]
+
+
+JOBS: dict[str, Program] = {}
+
+
+def register_job(name: str, script: str, *, args: tuple[str, ...] = (), task: str | None = None) -> Program:
+    """Make `{job: name}` in a grid run `script` (relative to the repository root, or absolute) with `args` before
+    the cell's `--config` and overrides."""
+    JOBS[name] = Program(kind="job", name=name, script=script, args=tuple(args), task=task)
+    return JOBS[name]
+
+
+# The usual loop the speed grids compare the recipes against (benchmarks/SPEED.md).
+register_job("trainer_text", "benchmarks/trainer_baseline.py", args=("--task", "text"), task="text")
+register_job("trainer_image", "benchmarks/trainer_baseline.py", args=("--task", "image"), task="image")
+
+
+def recipe(name: str, where: str) -> Program:
+    """The recipe `recipes/<name>.py`; a one-line error listing the recipes when there is none (`where`: the key)."""
+    if not (REPO_ROOT / "recipes" / f"{name}.py").is_file():
+        found = sorted(p.stem for p in (REPO_ROOT / "recipes").glob("*.py") if p.stem != "__init__")
+        raise PeftlabError(f"{where}: recipe {name!r} has no recipes/{name}.py (choose one of: {', '.join(found)})")
+    return Program(kind="recipe", name=name, script=f"recipes/{name}.py", task=RECIPE_TASKS.get(name))
+
+
+def job(name: str, where: str) -> Program:
+    """The registered job `name`; a one-line error listing the registered ones when there is none."""
+    if name not in JOBS:
+        raise PeftlabError(f"{where}: no job {name!r} is registered (registered: {', '.join(sorted(JOBS))}; "
+                           "add one with peftlab.harness.programs.register_job)")
+    return JOBS[name]
