@@ -162,6 +162,13 @@ def load_checkpoint(path: str | os.PathLike, accelerator, model, optimizer, sche
     return progress
 
 
+def rewrite_progress(path: str | os.PathLike, progress: Progress) -> None:
+    """Replace the Progress of a published checkpoint (atomically: the old file stays whole until the rename)."""
+    tmp = Path(path) / f".{PROGRESS_FILE}.tmp"
+    _write_text(tmp, json.dumps(asdict(progress), indent=1))
+    os.replace(tmp, Path(path) / PROGRESS_FILE)
+
+
 def read_progress(path: str | os.PathLike) -> Progress:
     """The Progress saved in a checkpoint folder."""
     file = Path(path) / PROGRESS_FILE

@@ -26,6 +26,7 @@ from peftlab.checkpointing import (
     load_rng_state,
     load_trainable_weights,
     read_progress,
+    rewrite_progress,
     resolve_checkpoint,
     save_checkpoint,
     set_rng_state,
@@ -47,7 +48,7 @@ class TrainResult:
     """One dict per evaluation: {"step": N, "loss": ..., <compute_metrics keys>}."""
     global_step: int
     train_time_s: float
-    """Wall time of training and evaluation until the last checkpoint, summed over a resumed run's parts."""
+    """Wall time of training, evaluation and checkpointing, summed over a resumed run's parts."""
     samples_per_s: float
     """Training samples over all processes per second of training steps (evaluation and checkpointing excluded)."""
     peak_memory_mb: float
@@ -55,8 +56,8 @@ class TrainResult:
     stopped_early: bool
     best_checkpoint: str | None = None
     phases_s: dict[str, float] = field(default_factory=dict)
-    """Seconds of train_steps, evaluation and checkpointing until the last checkpoint, over a resumed run's parts
-    (they add up to train_time_s)."""
+    """Seconds of train_steps, evaluation and checkpointing, over a resumed run's parts (they add up to
+    train_time_s)."""
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -233,14 +234,19 @@ def train(
             signalled = not stop and stop_signal.received()
             checkpointing_start = time.perf_counter()
             evaluation_s += checkpointing_start - evaluation_start
-            # Recorded up to this step's checkpoint, so a finished run resumed later reports the same figures;
-            # train_steps + evaluation + checkpointing (the earlier saves) add up to train_time_s.
+            # Recorded with each checkpoint, so a resumed run adds to them: train_steps + evaluation + checkpointing
+            # add up to train_time_s.
             progress.evaluation_s = previous.evaluation_s + evaluation_s
             progress.checkpointing_s = previous.checkpointing_s + checkpointing_s
             progress.train_time_s = previous.train_time_s + checkpointing_start - start
             if _should_save(train_cfg, progress.global_step, evaluated, improved, stop) or signalled:
-                save_checkpoint(accelerator, model, optimizer, scheduler, progress, output_dir)
+                saved = save_checkpoint(accelerator, model, optimizer, scheduler, progress, output_dir)
             checkpointing_s += time.perf_counter() - checkpointing_start
+            if stop:  # the final figures, this save included, go into its progress.json for a later resume
+                progress.checkpointing_s = previous.checkpointing_s + checkpointing_s
+                progress.train_time_s = previous.train_time_s + time.perf_counter() - start
+                if accelerator.is_main_process:
+                    rewrite_progress(saved, progress)
             if signalled:
                 stop_signal.restore()
                 bar.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from peftlab.checkpointing import latest_checkpoint
 from peftlab.tracking import read_log
-from tests.tiny_train import reset_accelerate, run, tiny_config
+from tests.tiny_train import SAVE_POINTS, reset_accelerate, run, tiny_config
 
 SCRIPT = Path(__file__).with_name("tiny_train.py")
 ARGS = ["--epochs", "3", "--checkpoint-every", "3"]  # 8 steps per epoch: checkpoints at 3, 6 (mid-epoch 1), 9, ...
@@ -93,3 +94,47 @@ def test_sigkill_during_checkpoint_save_leaves_the_previous_one_loadable(tmp_pat
     reset_accelerate()
     assert resumed["best_metrics"] == pytest.approx(reference.best_metrics, abs=1e-6)
     assert not (run_dir / "checkpoints" / ".tmp-step-6").exists()  # the half-written save was cleared
+
+
+def killed_then_resumed(run_dir: Path, *kill: str) -> dict:
+    """Run with a kill -9 injected at a deterministic point, check it died there, resume from `latest`."""
+    process = start(run_dir, *kill)
+    process.wait(timeout=120)
+    assert process.returncode == -signal.SIGKILL, run_dir.with_suffix(".log").read_text()[-3000:]
+    assert not (run_dir / "result.json").exists()
+    return finish(start(run_dir, "--resume-from", "latest"), run_dir)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    reset_accelerate()
+    reference, _, _ = run(tmp_path_factory.mktemp("reference"), tiny_config(epochs=3, checkpoint_every=3))
+    reset_accelerate()
+    return reference
+
+
+# Seeded draws of the training forward at which the process is killed: 24 steps of 3 epochs, checkpoints every 3.
+KILL_FORWARDS = sorted(random.Random(11).sample(range(4, 25), 3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("forward", KILL_FORWARDS)
+def test_kill_at_a_seeded_step_then_resume_matches_uninterrupted(tmp_path, uninterrupted, forward):
+    resumed = killed_then_resumed(tmp_path / "killed", "--kill-at-forward", str(forward))
+    assert resumed["global_step"] == uninterrupted.global_step == 24
+    for got, want in zip(resumed["history"], uninterrupted.history, strict=True):
+        assert got == pytest.approx(want, abs=1e-6)
+    assert resumed["best_metrics"] == pytest.approx(uninterrupted.best_metrics, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(SAVE_POINTS))
+def test_kill_inside_a_checkpoint_write_then_resume_matches_uninterrupted(tmp_path, uninterrupted, point):
+    run_dir = tmp_path / "killed"
+    resumed = killed_then_resumed(run_dir, "--kill-in-save", f"9:{point}")
+    assert resumed["global_step"] == 24
+    for got, want in zip(resumed["history"], uninterrupted.history, strict=True):
+        assert got == pytest.approx(want, abs=1e-6)
+    assert resumed["best_metrics"] == pytest.approx(uninterrupted.best_metrics, abs=1e-6)
+    log = run_dir.with_suffix(".log").read_text()
+    assert "Traceback" not in log

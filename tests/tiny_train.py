@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -128,6 +130,40 @@ def stall_checkpoint_save(step: int) -> None:
     checkpointing._save_torch = stalling_save
 
 
+def _in_save(path, step: int) -> bool:
+    return Path(path).parent.name == f".tmp-step-{step}"
+
+
+SAVE_POINTS = {
+    # point -> (function in peftlab.checkpointing, is this call of it the one of the save of `step` to die before)
+    "rng": ("_save_torch", lambda args, step: _in_save(args[1], step) and Path(args[1]).name.startswith("rng")),
+    "weights": ("save_file", lambda args, step: _in_save(args[1], step)),
+    "optimizer": ("_save_torch", lambda args, step: _in_save(args[1], step) and Path(args[1]).name == "optimizer.pt"),
+    "progress": ("_write_text", lambda args, step: _in_save(args[0], step) and Path(args[0]).name == "progress.json"),
+    # everything written and flushed, not yet renamed into place
+    "publish": ("_replace_dir", lambda args, step: Path(args[1]).name == f"step-{step}"),
+    # renamed into place, `latest` still names the previous checkpoint
+    "pointer": ("_write_pointer", lambda args, step: args[1:] == ("latest", f"step-{step}")),
+}
+
+
+def kill_in_checkpoint_save(step: int, point: str) -> None:
+    """SIGKILL this process inside the save of checkpoint `step`, right before the call named by `point`.
+
+    A deterministic injection point: a kill from outside at a random time rarely lands inside a save."""
+    from peftlab import checkpointing
+
+    name, is_the_call = SAVE_POINTS[point]
+    real = getattr(checkpointing, name)
+
+    def killing(*args, **kwargs):
+        if is_the_call(args, step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    setattr(checkpointing, name, killing)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", required=True)
@@ -143,9 +179,16 @@ def main(argv=None) -> None:
     parser.add_argument("--sleep-per-step", type=float, default=0.0, help="slow training forwards down (kill tests)")
     parser.add_argument("--stall-save-at", type=int, default=None,
                         help="hang inside the checkpoint save of this step, after its weights are written (kill tests)")
+    parser.add_argument("--kill-at-forward", type=int, default=None,
+                        help="SIGKILL this process at its N-th training forward (fault injection)")
+    parser.add_argument("--kill-in-save", default=None, metavar="STEP:POINT",
+                        help=f"SIGKILL inside the save of checkpoint STEP before POINT, one of {list(SAVE_POINTS)}")
     args = parser.parse_args(argv)
     if args.stall_save_at is not None:
         stall_checkpoint_save(args.stall_save_at)
+    if args.kill_in_save:
+        step, point = args.kill_in_save.split(":")
+        kill_in_checkpoint_save(int(step), point)
 
     train_cfg = tiny_config(
         batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
@@ -154,6 +197,14 @@ def main(argv=None) -> None:
     model = tiny_model(dropout=args.dropout)
     if args.sleep_per_step:
         model.register_forward_pre_hook(lambda module, _: time.sleep(args.sleep_per_step) if module.training else None)
+    if args.kill_at_forward:
+        forwards = iter(range(1, 10**9))
+
+        def kill_at_forward(module, _):
+            if module.training and next(forwards) == args.kill_at_forward:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        model.register_forward_pre_hook(kill_at_forward)
     result, model, accelerator = run(
         args.output_dir, train_cfg, resume_from=args.resume_from, n_train=args.n_train, n_eval=args.n_eval, model=model
     )
