@@ -61,6 +61,7 @@ def test_bad_grid_is_one_line_error(tmp_path, text, message):
         load_grid(path)
 
 
+@pytest.mark.slow  # about a minute: three recipe cells and a job cell in subprocesses
 def test_smoke_grid_end_to_end_with_resume_and_a_failed_cell(tmp_path, monkeypatch):
     grid = load_grid(SMOKE)
     results, runs = tmp_path / "results", tmp_path / "runs"
