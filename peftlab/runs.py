@@ -13,6 +13,7 @@ Layout of `output_dir`:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ def check_before_loading(cfg: RecipeConfig) -> None:
     from peftlab.tracking import build_trackers
     from peftlab.training import resolve_mixed_precision
 
-    check_output_dir(cfg)
+    if os.environ.get("RANK", "0") == "0":  # other ranks: the main process decides in prepare_output_dir and tells them
+        check_output_dir(cfg)
     resolve_mixed_precision(cfg.train.mixed_precision)
     build_trackers(cfg.train.trackers, cfg.output_dir)  # side-effect free: trackers start later
     check_metric_for_best(cfg.train.metric_for_best)
