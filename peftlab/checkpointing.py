@@ -104,9 +104,12 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, progress: Progress
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(output_dir)
-        reason = (error.strerror if error is not None and error.strerror else str(error)) if error else "on another process"
-        if error is not None and error.errno == errno.ENOSPC:
+        if error is None:
+            reason = "it failed on another process"
+        elif error.errno == errno.ENOSPC:
             reason = "no space left on device"
+        else:
+            reason = error.strerror or str(error)
         kept = (f"the previous checkpoint {previous} is intact; free space, then resume with resume_from=latest"
                 if previous else "no earlier checkpoint exists; free space and rerun")
         raise PeftlabError(f"could not write checkpoint {name} in {root} ({reason}); {kept}")
@@ -175,7 +178,8 @@ def read_progress(path: str | os.PathLike) -> Progress:
     try:
         return Progress(**json.loads(file.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as err:  # missing, not JSON, or not Progress's fields
-        raise _broken(file, "is missing" if isinstance(err, FileNotFoundError) else "is not a valid progress file") from err
+        problem = "is missing" if isinstance(err, FileNotFoundError) else "is not a valid progress file"
+        raise _broken(file, problem) from err
 
 
 def load_state(file: str | os.PathLike) -> dict:

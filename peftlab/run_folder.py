@@ -133,7 +133,8 @@ def check_output_dir(output_dir: str | os.PathLike, *, resume_from: Optional[str
     if status != FINISHED and not has_checkpoint:
         return FolderState(path, "reuse", note=f"reusing {path}: its previous run {_ended(marker)} before its "
                                                "first checkpoint")
-    what = "a finished run" if status == FINISHED else f"a run that {_ended(marker)} (checkpoint {latest_checkpoint(path).name})"
+    what = ("a finished run" if status == FINISHED
+            else f"a run that {_ended(marker)} (checkpoint {latest_checkpoint(path).name})")
     raise PeftlabError(f"output_dir {path} holds {what}; pass resume_from=latest to continue it, overwrite=true "
                        "to move it aside into a new folder, or choose another output_dir")
 

@@ -179,85 +179,85 @@ def train(
     stop = stopped_early or progress.global_step >= total_steps
     samples, evaluation_s, checkpointing_s, window, micro_losses = 0, 0.0, 0.0, [], []
     after_step = after_step_hook(accelerator.unwrap_model(model))  # the strategy's own, e.g. AdaLoRA rank allocation
-    stop_signal = StopSignal(accelerator)
-    model.train()
-    while not stop:
-        batches, epoch_batches = _epoch_batches(accelerator, train_loader, progress), 0
-        if rng_state is not None and progress.batches_in_epoch == 0:
-            set_rng_state(rng_state)  # resumed at an epoch boundary: before the iterator draws its seed
-            rng_state = None
-        for batch in batches:
-            if rng_state is not None:
-                # Resumed mid-epoch: the interrupted run saved its RNG after this epoch's iterator drew its seed.
-                set_rng_state(rng_state)
+    with StopSignal(accelerator) as stop_signal:  # SIGTERM/Ctrl-C: checkpoint at the next step, then stop
+        model.train()
+        while not stop:
+            batches, epoch_batches = _epoch_batches(accelerator, train_loader, progress), 0
+            if rng_state is not None and progress.batches_in_epoch == 0:
+                set_rng_state(rng_state)  # resumed at an epoch boundary: before the iterator draws its seed
                 rng_state = None
-            progress.batches_in_epoch += 1
-            epoch_batches += 1
-            samples += len(batch["labels"]) * accelerator.num_processes
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                micro_losses.append(loss.detach().float())
-                if accelerator.sync_gradients:
-                    step_loss = _step_loss(accelerator, micro_losses, progress.global_step + 1, output_dir)
-                    if train_cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
-                    optimizer.step()
-                    after_step(progress.global_step)  # before zero_grad: a hook may read the gradients
-                    scheduler.step()
-                    optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            progress.global_step += 1
-            micro_losses, epoch_end = [], progress.batches_in_epoch == len(train_loader)
-            if epoch_end:  # a checkpoint taken now resumes at the start of the next epoch
-                progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-            window.append(step_loss)
-            if train_cfg.log_every and progress.global_step % train_cfg.log_every == 0:
-                lr = scheduler.get_last_lr()[0]
-                accelerator.log({"train/loss": sum(window) / len(window), "train/lr": lr}, step=progress.global_step)
-                window = []
+            for batch in batches:
+                if rng_state is not None:
+                    # Resumed mid-epoch: the interrupted run saved its RNG after this epoch's iterator drew its seed.
+                    set_rng_state(rng_state)
+                    rng_state = None
+                progress.batches_in_epoch += 1
+                epoch_batches += 1
+                samples += len(batch["labels"]) * accelerator.num_processes
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    micro_losses.append(loss.detach().float())
+                    if accelerator.sync_gradients:
+                        step_loss = _step_loss(accelerator, micro_losses, progress.global_step + 1, output_dir)
+                        if train_cfg.max_grad_norm:
+                            accelerator.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
+                        optimizer.step()
+                        after_step(progress.global_step)  # before zero_grad: a hook may read the gradients
+                        scheduler.step()
+                        optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                progress.global_step += 1
+                micro_losses, epoch_end = [], progress.batches_in_epoch == len(train_loader)
+                if epoch_end:  # a checkpoint taken now resumes at the start of the next epoch
+                    progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+                window.append(step_loss)
+                if train_cfg.log_every and progress.global_step % train_cfg.log_every == 0:
+                    lr = scheduler.get_last_lr()[0]
+                    accelerator.log({"train/loss": sum(window) / len(window), "train/lr": lr},
+                                    step=progress.global_step)
+                    window = []
 
-            evaluation_start = time.perf_counter()
-            progress.step_time_s = previous.step_time_s + evaluation_start - start - evaluation_s - checkpointing_s
-            progress.samples = previous.samples + samples
-            last = progress.global_step >= total_steps
-            evaluated = improved = False
-            if _should_evaluate(train_cfg, progress.global_step, epoch_end, last):
-                metrics, _, _ = evaluate(model, eval_loader, accelerator, compute_metrics)
-                evaluated, improved = True, _record_evaluation(progress, metrics, train_cfg.metric_for_best)
-                accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.global_step)
-                stopped_early = _patience_exhausted(progress, train_cfg)
-            stop = last or stopped_early
-            signalled = not stop and stop_signal.received()
-            checkpointing_start = time.perf_counter()
-            evaluation_s += checkpointing_start - evaluation_start
-            # Recorded with each checkpoint, so a resumed run adds to them: train_steps + evaluation + checkpointing
-            # add up to train_time_s.
-            progress.evaluation_s = previous.evaluation_s + evaluation_s
-            progress.checkpointing_s = previous.checkpointing_s + checkpointing_s
-            progress.train_time_s = previous.train_time_s + checkpointing_start - start
-            if _should_save(train_cfg, progress.global_step, evaluated, improved, stop) or signalled:
-                saved = save_checkpoint(accelerator, model, optimizer, scheduler, progress, output_dir)
-            checkpointing_s += time.perf_counter() - checkpointing_start
-            if stop:  # the final figures, this save included, go into its progress.json for a later resume
+                evaluation_start = time.perf_counter()
+                progress.step_time_s = previous.step_time_s + evaluation_start - start - evaluation_s - checkpointing_s
+                progress.samples = previous.samples + samples
+                last = progress.global_step >= total_steps
+                evaluated = improved = False
+                if _should_evaluate(train_cfg, progress.global_step, epoch_end, last):
+                    metrics, _, _ = evaluate(model, eval_loader, accelerator, compute_metrics)
+                    evaluated, improved = True, _record_evaluation(progress, metrics, train_cfg.metric_for_best)
+                    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.global_step)
+                    stopped_early = _patience_exhausted(progress, train_cfg)
+                stop = last or stopped_early
+                signalled = not stop and stop_signal.received()
+                checkpointing_start = time.perf_counter()
+                evaluation_s += checkpointing_start - evaluation_start
+                # Recorded with each checkpoint, so a resumed run adds to them: train_steps + evaluation + checkpointing
+                # add up to train_time_s.
+                progress.evaluation_s = previous.evaluation_s + evaluation_s
                 progress.checkpointing_s = previous.checkpointing_s + checkpointing_s
-                progress.train_time_s = previous.train_time_s + time.perf_counter() - start
-                if accelerator.is_main_process:
-                    rewrite_progress(saved, progress)
-            if signalled:
-                stop_signal.restore()
-                bar.close()
-                raise RunInterrupted(stop_signal.name, progress.global_step, str(latest_checkpoint(output_dir)))
-            if stop:
-                break
-        batches.end()  # an early break would leave the loader registered in accelerate's gradient state
-        if not stop and epoch_batches == 0:  # a loop that consumes nothing would spin forever: never let it
-            raise PeftlabError(f"epoch {progress.epoch} yielded no training batches ({len(train_loader)} per epoch, "
-                               f"{progress.batches_in_epoch} already consumed); start afresh without resume_from")
-    stop_signal.restore()
+                progress.train_time_s = previous.train_time_s + checkpointing_start - start
+                if _should_save(train_cfg, progress.global_step, evaluated, improved, stop) or signalled:
+                    saved = save_checkpoint(accelerator, model, optimizer, scheduler, progress, output_dir)
+                checkpointing_s += time.perf_counter() - checkpointing_start
+                if stop:  # the final figures, this save included, go into its progress.json for a later resume
+                    progress.checkpointing_s = previous.checkpointing_s + checkpointing_s
+                    progress.train_time_s = previous.train_time_s + time.perf_counter() - start
+                    if accelerator.is_main_process:
+                        rewrite_progress(saved, progress)
+                if signalled:
+                    bar.close()
+                    raise RunInterrupted(stop_signal.name, progress.global_step, str(latest_checkpoint(output_dir)))
+                if stop:
+                    break
+            batches.end()  # an early break would leave the loader registered in accelerate's gradient state
+            if not stop and epoch_batches == 0:  # a loop that consumes nothing would spin forever: never let it
+                raise PeftlabError(f"epoch {progress.epoch} yielded no training batches ({len(train_loader)} per "
+                                   f"epoch, {progress.batches_in_epoch} already consumed); start afresh without "
+                                   "resume_from")
     bar.close()
 
     best = step_dir(output_dir, progress.best_step) if progress.best_step is not None else None
@@ -316,8 +316,11 @@ class StopSignal:
         flag = torch.tensor([float(self.signum)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item())
 
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
+    def __enter__(self) -> "StopSignal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():  # whatever ended the loop, the user's handlers come back
             signal.signal(signum, handler)
         self.previous = {}
 
