@@ -22,7 +22,7 @@ from pathlib import Path
 from accelerate.utils import set_seed
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from peftlab import PeftlabError, count_parameters
+from peftlab import PeftlabError, count_parameters, run_folder
 from peftlab.config import RecipeConfig, run_cli, save_config
 from peftlab.heads import find_head
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
@@ -101,6 +101,7 @@ def main(cfg: RecipeConfig, task: str) -> dict:
                        "rule": "trainable includes the task head; trainable_without_head is the LoRA paper's rule"}}
     save_config(cfg, output_dir / CONFIG_FILE)
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    run_folder.close_run_folder(output_dir, run_folder.FINISHED)
     print(f"test accuracy {test['accuracy']:.4f} ({train_time:.0f} s in trainer.train())")
     return metrics
 

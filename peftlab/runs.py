@@ -50,26 +50,28 @@ def check_before_loading(cfg: RecipeConfig) -> None:
     check_metric_for_best(cfg.train.metric_for_best)
 
 
-def prepare_output_dir(cfg: RecipeConfig, accelerator) -> Path:
+def prepare_output_dir(cfg: RecipeConfig, accelerator=None) -> Path:
     """Create, lock and mark `cfg.output_dir` on the main process; every process of the run gets its path or error.
 
     Call it after everything that can fail on bad input, so a rejected run writes nothing. Takes the run's own
     Accelerator: a bare `PartialState()` made here, before the Accelerator, would set up single-process state
-    and turn a multi-process CPU launch into independent copies of the run.
+    and turn a multi-process CPU launch into independent copies of the run. Without an Accelerator (a script that
+    trains through another library, e.g. the Trainer baseline) the process is taken as the only one.
     """
     from accelerate.utils import broadcast_object_list
 
     problem = [None]
-    if accelerator.is_main_process:
+    if accelerator is None or accelerator.is_main_process:
         try:
             run_folder.open_run_folder(check_output_dir(cfg))  # checked again: the folder may have changed since
         except PeftlabError as err:
             problem = [str(err)]
-    if accelerator.num_processes > 1:
+    if accelerator is not None and accelerator.num_processes > 1:
         broadcast_object_list(problem)  # the other ranks stop with the main process's message
     if problem[0] is not None:
         raise PeftlabError(problem[0])
-    accelerator.wait_for_everyone()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return Path(cfg.output_dir)
 
 
