@@ -129,21 +129,23 @@ def test_cli_exit_code_and_no_traceback(tmp_path):
 def test_table_matches_cases():
     from tests.test_image_recipe import BAD_DATA_CASES
     from tests.test_predict import CASES as PREDICT_CASES
+    from tests.test_run_folder import RESUME_CASES
 
     table = (ROOT / "docs" / "bad_inputs.md").read_text()
-    for case_id in [case[0] for case in [*CASES, *BAD_DATA_CASES, *PREDICT_CASES]]:
+    for case_id in [case[0] for case in [*CASES, *BAD_DATA_CASES, *PREDICT_CASES, *RESUME_CASES]]:
         assert f"| {case_id} |" in table, f"docs/bad_inputs.md lacks a row for {case_id!r}"
 
 
 def write_table(path: Path = ROOT / "docs" / "bad_inputs.md") -> None:
     """Regenerate docs/bad_inputs.md from the case tables, with the messages users actually see.
 
-    Tables: CASES here (text recipe), BAD_DATA_CASES of tests/test_image_recipe.py (image recipe) and CASES of
-    tests/test_predict.py (predict, on runs trained for the purpose in a few seconds).
+    Tables: CASES here (text recipe), BAD_DATA_CASES of tests/test_image_recipe.py (image recipe), CASES of
+    tests/test_predict.py (predict, on runs trained for the purpose in a few seconds) and RESUME_CASES of
+    tests/test_run_folder.py (resuming a damaged run).
     """
     import tempfile
 
-    from tests import test_image_recipe, test_predict
+    from tests import test_image_recipe, test_predict, test_run_folder
 
     tmp = write_files(Path(tempfile.mkdtemp()))
     test_image_recipe.write_bad_folders(tmp)
@@ -153,7 +155,7 @@ def write_table(path: Path = ROOT / "docs" / "bad_inputs.md") -> None:
     def row(case_id: str, arguments: list[str], line: str) -> str:
         shown = " ".join(arguments).replace("{tmp}", "<tmp>")
         line = line.replace(str(tmp), "<tmp>").replace(str(Path.cwd()), "<cwd>").replace("|", "/")
-        return f"| {case_id} | `{shown}` | {line} |"
+        return f"| {case_id} | {f'`{shown}`' if shown else '(the same command)'} | {line} |"
 
     header = ["| case | arguments | what the user sees |", "|---|---|---|"]
     rows = ["# Bad inputs and what the user sees", "",
@@ -174,6 +176,21 @@ def write_table(path: Path = ROOT / "docs" / "bad_inputs.md") -> None:
         argv, run = test_predict.case_arguments(case, runs, tmp)
         line = test_predict.predict_error(argv)[1][0].replace(str(run), "<run>")
         rows.append(row(case[0], ["<run>", *case[3]], line))
+    rows += ["", "## Resuming a run", "", "`recipes/text_classification.py` on a finished run whose latest checkpoint "
+             "is damaged as the case says,", "RESUME_CASES of `tests/test_run_folder.py`. The run's checkpoints are "
+             "left as they were.", "", *header]
+    trained = test_run_folder.train_tiny_run(tmp / "trained" / "run")
+    for number, case in enumerate(test_run_folder.RESUME_CASES):
+        _, lines, run = test_run_folder.resume_error(case, trained, tmp / f"resume-{number}")
+        rows.append(row(case[0], [a.replace(str(tmp), "{tmp}") for a in case[2]], lines[0].replace(str(run), "<run>")))
+    rows += ["", "## Stops", "", "Not bad input, but what the user sees (tests in `tests/test_run_folder.py` and "
+             "`tests/test_checkpointing.py`):", "",
+             "- SIGTERM or Ctrl-C during training: `interrupted: SIGTERM at step 12, checkpoint <run>/checkpoints/"
+             "step-12 saved; resume with: python recipes/text_classification.py ... resume_from=latest` (exit 143 or "
+             "130).",
+             "- A checkpoint save that fails: `error: could not write checkpoint step-6 in <run>/checkpoints (no space "
+             "left on device); the previous checkpoint <run>/checkpoints/step-3 is intact; free space, then resume "
+             "with resume_from=latest` (exit 2)."]
     path.write_text("\n".join(rows) + "\n")
 
 

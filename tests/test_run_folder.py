@@ -153,3 +153,79 @@ def test_signal_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, signu
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 80 and read_marker(run)["status"] == FINISHED
+
+
+# Resuming a damaged or mismatched run: (id, how the trained run is damaged, arguments, a fragment of the message).
+RESUME_CASES = [
+    ("resume with another batch size", None, ["resume_from=latest", "train.batch_size=8"], "was taken with other batches"),
+    ("truncated checkpoint weights", "trainable.safetensors", ["resume_from=latest"], "is truncated or corrupt"),
+    ("missing optimizer state", "optimizer.pt", ["resume_from=latest"], "optimizer.pt is missing"),
+    ("broken progress file", "progress.json", ["resume_from=latest"], "is not a valid progress file"),
+    ("checkpoint holding a pickled object", "scheduler.pt", ["resume_from=latest"], "holds objects other than tensors"),
+    ("output folder in use by another run", "lock", [], "is in use by process 4242 on elsewhere"),
+]
+
+
+def train_tiny_run(folder: Path) -> Path:
+    """A finished text run with checkpoints after steps 1 and 2 (the bad-inputs table's fast settings)."""
+    code, lines = error_line(["train.checkpoint_every=1", f"output_dir={folder}"], folder.parent)
+    assert code == 0, lines
+    return folder
+
+
+def damage(run: Path, what: str | None):
+    """Break the run's latest checkpoint (or hold its lock) as a case says; returns what must stay open."""
+    import fcntl
+    import torch
+
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    if what == "lock":  # another process's lock: an open file description of our own conflicts just the same
+        (run / ".peftlab-lock").write_text("process 4242 on elsewhere\n")
+        fd = os.open(run / ".peftlab-lock", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    if what == "trainable.safetensors":
+        (latest / what).write_bytes((latest / what).read_bytes()[:100])
+    elif what == "optimizer.pt":
+        (latest / what).unlink()
+    elif what == "progress.json":
+        (latest / what).write_text("{broken")
+    elif what == "scheduler.pt":
+        torch.save({"planted": Planted()}, latest / what)
+    return None
+
+
+class Planted:
+    """Unpickling this would run code."""
+
+    def __reduce__(self):
+        return (print, ("planted pickle ran",))
+
+
+def resume_error(case, trained: Path, folder: Path) -> tuple[int, list[str], Path]:
+    import shutil
+
+    run = folder / "run"
+    shutil.copytree(trained, run)
+    held = damage(run, case[1])
+    try:
+        code, lines = error_line([*case[2], f"output_dir={run}"], folder)
+    finally:
+        if held is not None:
+            os.close(held)
+    return code, lines, run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_tiny_run(tmp_path_factory.mktemp("trained") / "run")
+
+
+@pytest.mark.parametrize("case", RESUME_CASES, ids=[case[0] for case in RESUME_CASES])
+def test_resuming_a_damaged_run_is_one_line(case, trained, tmp_path, capsys):
+    before = sorted(p.name for p in (trained / "checkpoints").iterdir())
+    code, lines, run = resume_error(case, trained, tmp_path)
+    assert code == 2 and len(lines) == 1, lines
+    assert case[3] in lines[0] and "weights_only=False" not in lines[0], lines[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # no checkpoint added or pruned
+    assert "planted pickle ran" not in capsys.readouterr().out
