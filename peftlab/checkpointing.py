@@ -157,8 +157,9 @@ def load_checkpoint(path: str | os.PathLike, accelerator, model, optimizer, sche
     path = Path(path)
     progress = read_progress(path)
     load_trainable_weights(accelerator.unwrap_model(model), path)
+    saved = load_state(path / OPTIMIZER_FILE)
     try:  # the saved rates (train.lr, head_lr, ...) win, as the scheduler's state would anyway
-        optimizer.load_state_dict(load_state(path / OPTIMIZER_FILE))
+        optimizer.load_state_dict(saved)
     except ValueError as err:  # torch compares the number and sizes of the parameter groups
         raise PeftlabError(f"checkpoint {path} holds other optimizer parameter groups than this run "
                            f"({str(err).rstrip('.')}); resume with the strategy, model and peftlab version it was "

@@ -96,9 +96,10 @@ class TrainConfig:
     """Peak learning rate of the task head; null uses train.lr. A new head often takes a multiple of the body's
     rate, but the committed benchmarks ran with one rate, and the multiple to default to awaits their measurement."""
     layer_decay: float = 1.0
-    """Layer-wise learning-rate decay (ELECTRA, BEiT fine-tuning) for strategies that train whole blocks (full,
-    partial, bitfit): block i of N (0 = bottom) trains at lr x decay^(N-1-i), what lies below the blocks (embeddings,
-    stem) at lr x decay^N, what lies above them at lr. 1 turns it off."""
+    """Layer-wise learning-rate decay for strategies that train whole blocks (full, partial, bitfit): block i of N
+    (0 = bottom) trains at lr x decay^(N-1-i), what lies below the blocks (embeddings, stem) at lr x decay^N, what
+    lies above them at lr (the head at head_lr). ELECTRA and BEiT fine-tune so, except that they put the top block
+    one or two steps below the head. 1 turns it off."""
     loraplus_ratio: float = 1.0
     """LoRA+ (Hayou et al. 2024): LoRA's B matrices train at lr x ratio, the A matrices at lr (the paper suggests
     about 16 for AdamW). Strategy lora only; 1 turns it off."""

@@ -225,7 +225,8 @@ def train(
             window.append(step_loss)
             if train_cfg.log_every and progress.global_step % train_cfg.log_every == 0:
                 # The schedule of train.lr itself: every group's rate is its peak rate x the same factor.
-                lr = scheduler.get_last_lr()[0] / param_groups[0]["lr"] * train_cfg.lr
+                peak = param_groups[0]["lr"]
+                lr = scheduler.get_last_lr()[0] * train_cfg.lr / peak if peak else 0.0
                 accelerator.log({"train/loss": sum(window) / len(window), "train/lr": lr}, step=progress.global_step)
                 window = []
 
