@@ -160,7 +160,13 @@ def load_checkpoint(path: str | os.PathLike, accelerator, model, optimizer, sche
     path = Path(path)
     progress = read_progress(path)
     load_trainable_weights(accelerator.unwrap_model(model), path)
-    optimizer.load_state_dict(load_state(path / OPTIMIZER_FILE))
+    saved = load_state(path / OPTIMIZER_FILE)
+    try:  # the saved rates (train.lr, head_lr, ...) win, as the scheduler's state would anyway
+        optimizer.load_state_dict(saved)
+    except ValueError as err:  # torch compares the number and sizes of the parameter groups
+        raise PeftlabError(f"checkpoint {path} holds other optimizer parameter groups than this run "
+                           f"({str(err).rstrip('.')}); resume with the strategy, model and peftlab version it was "
+                           "taken with, or start afresh without resume_from") from err
     scheduler.load_state_dict(load_state(path / SCHEDULER_FILE))
     return progress
 

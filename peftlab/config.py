@@ -44,6 +44,12 @@ class ModelConfig:
     pooling: Literal["cls", "mean"] = "cls"
     """What the head of a text encoder sees: `cls` (the model's own first-token/pooler features) or `mean`
     (masked mean of the last hidden states; what sentence encoders such as MiniLM were trained for)."""
+    batchnorm: Literal["train", "frozen"] = "train"
+    """Batch norms whose weights train (CNNs under full, partial, bitfit): `train` re-estimates their running
+    statistics on the training batches; `frozen` keeps every batch norm in eval mode, normalising with the pretrained
+    statistics while its weights still train (steadier with small batches). Frozen batch norms never move either way;
+    `frozen` on a model without batch norms is an error. The default is today's behaviour; which is better awaits
+    the issue-13 benchmarks."""
 
 
 @dataclass
@@ -86,6 +92,17 @@ class TrainConfig:
     """Batches whose gradients are summed before each optimizer step."""
     lr: float = 5e-4
     """Peak learning rate (after warmup)."""
+    head_lr: Optional[float] = None
+    """Peak learning rate of the task head; null uses train.lr. A new head often takes a multiple of the body's
+    rate, but the committed benchmarks ran with one rate, and the multiple to default to awaits their measurement."""
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay for strategies that train whole blocks (full, partial, bitfit): block i of N
+    (0 = bottom) trains at lr x decay^(N-1-i), what lies below the blocks (embeddings, stem) at lr x decay^N, what
+    lies above them at lr (the head at head_lr). ELECTRA and BEiT fine-tune so, except that they put the top block
+    one or two steps below the head. 1 turns it off."""
+    loraplus_ratio: float = 1.0
+    """LoRA+ (Hayou et al. 2024): LoRA's B matrices train at lr x ratio, the A matrices at lr (the paper suggests
+    about 16 for AdamW). Strategy lora only; 1 turns it off."""
     weight_decay: float = 0.01
     """Decoupled weight decay (AdamW) or L2 penalty (SGD)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -152,6 +169,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "non_negative": (lambda v: v >= 0, "must be >= 0"),
     "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "seed": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32) (numpy's seed range)"),
+    "decay": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "ratio": (lambda v: v >= 1, "must be >= 1"),
 }
 _RANGES: dict[type, dict[str, str]] = {
     ModelConfig: {"num_hidden_layers": "positive", "dropout": "fraction"},
@@ -165,7 +184,7 @@ _RANGES: dict[type, dict[str, str]] = {
         "grad_accum_steps": "positive", "lr": "positive", "weight_decay": "non_negative", "momentum": "fraction",
         "warmup_ratio": "fraction", "max_grad_norm": "positive", "eval_every": "non_negative",
         "early_stopping_patience": "positive", "checkpoint_every": "non_negative", "log_every": "positive",
-        "seed": "seed",
+        "seed": "seed", "head_lr": "positive", "layer_decay": "decay", "loraplus_ratio": "ratio",
     },
 }
 

@@ -18,6 +18,7 @@ from peftlab.backbones import check_max_length, load_backbone
 from peftlab.caching import frozen_feature_cache
 from peftlab.config import RecipeConfig, run_cli
 from peftlab.data.text import load_text_dataset, make_text_dataloader, tokenize_dataset
+from peftlab.learning_rates import rate_groups
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
 from peftlab.phases import PhaseTimer
 from peftlab.runs import check_before_loading, prepare_output_dir, test_and_save
@@ -50,8 +51,10 @@ def main(cfg: RecipeConfig) -> dict:
     )
     check_max_length(backbone, cfg.data.max_length)
     model = apply_strategy(backbone.model, cfg.strategy, head_modules=cfg.model.head_modules,
-                           pooling=cfg.model.pooling, **cfg.strategy_options.get(cfg.strategy, {}))
+                           pooling=cfg.model.pooling, batchnorm=cfg.model.batchnorm,
+                           **cfg.strategy_options.get(cfg.strategy, {}))
     counts = count_parameters(model)
+    rate_groups(model, cfg.train)  # a rate option that cannot apply to this strategy's groups fails here
 
     # Inputs are valid: only now create (and lock) the output folder; the trackers start with training.
     accelerator = build_accelerator(cfg.train, cfg.output_dir)

@@ -102,6 +102,9 @@ CASES = [
     ("negative seed", ["train.seed=-1"], "train.seed: must be in [0, 2**32)"),
     ("unknown metric for best", ["train.metric_for_best=f1"], "did you mean 'macro_f1'"),
     ("max_length over the model's limit", ["data.max_length=100000"], "set data.max_length=512 or less"),
+    ("LoRA+ without LoRA", ["strategy=full", "train.loraplus_ratio=4"], "sets the rate of LoRA's B matrices"),
+    ("layer decay without trained blocks", ["train.layer_decay=0.8"], "strategy 'lora' trains the groups lora_A"),
+    ("frozen batch norms on a transformer", ["model.batchnorm=frozen"], "the model has no batch norms"),
 ]
 
 

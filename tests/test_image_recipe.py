@@ -208,6 +208,16 @@ def test_image_size_the_backbone_cannot_take_is_one_clear_error(tmp_path, vit_di
 
 
 @pytest.mark.parametrize("overrides, message", [
+    (["model.batchnorm=frozen"], "model.batchnorm=frozen, but the model has no batch norms"),
+    (["strategy=lora", "train.layer_decay=0.8"], "train.layer_decay=0.8 decays the rate of trained blocks"),
+])
+def test_options_that_cannot_apply_to_the_model_write_nothing(tmp_path, vit_dir, image_folder, overrides, message):
+    with pytest.raises(PeftlabError, match=message):
+        run_main(tmp_path, vit_dir, image_folder, *overrides)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
     (["strategy=adapter", "strategy_options.adapter.kind=houlsby"], "houlsby adapters go after attention"),
     (["model.pooling=mean"], "pooling=mean needs a transformers task model"),
 ])

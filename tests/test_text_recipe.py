@@ -39,6 +39,9 @@ def test_lora_run_writes_outputs_that_peft_loads(tmp_path):
     assert saved["test"]["accuracy"] == metrics["test"]["accuracy"]
     assert {"validation", "test", "train_time_s", "samples_per_s", "peak_memory_mb", "parameters"} <= set(saved)
     assert saved["parameters"]["trainable_without_head"] == 1 * 2 * (384 * 8 + 8 * 384)  # one layer, q and v
+    assert saved["param_groups"] == [{"name": "lora_A", "parameters": 2 * 8 * 384, "lr": 1e-3},
+                                     {"name": "lora_B", "parameters": 2 * 384 * 8, "lr": 1e-3},
+                                     {"name": "head", "parameters": 384 * 2 + 2, "lr": 1e-3}]  # the config's train.lr
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in (run / "model").iterdir()}
     assert (run / "README.md").read_text().startswith("---") and (run / "config.yaml").is_file()
     assert (run / "log.jsonl").read_text().strip()
@@ -61,6 +64,26 @@ def test_other_strategies_run(tmp_path, strategy):
     metrics, run = run_main(tmp_path, f"strategy={strategy}", "strategy_options.partial.top_k=1")
     assert 0 <= metrics["test"]["accuracy"] <= 1
     assert json.loads((run / "model" / "peftlab_strategy.json").read_text())["name"] == strategy
+
+
+def test_rates_per_group_reach_metrics_json(tmp_path):
+    metrics, run = run_main(tmp_path, "strategy=full", "train.lr=1e-4", "train.head_lr=1e-3", "train.layer_decay=0.5")
+    groups = json.loads((run / "metrics.json").read_text())["param_groups"]
+    assert groups == metrics["param_groups"]
+    # One layer kept: the block trains at train.lr, the embeddings below it at lr x 0.5, the head at head_lr.
+    assert [(g["name"], g["lr"]) for g in groups] == [("below_blocks", 5e-5), ("blocks.0", 1e-4),
+                                                      ("above_blocks", 1e-4), ("head", 1e-3)]
+    assert sum(g["parameters"] for g in groups) == json.loads((run / "metrics.json").read_text())["parameters"][
+        "trainable"]
+
+
+def test_a_rate_option_that_cannot_apply_fails_before_anything_is_written(tmp_path):
+    from peftlab import PeftlabError
+
+    with pytest.raises(PeftlabError, match="train.loraplus_ratio=4 sets the rate of LoRA's B matrices, but strategy "
+                                           "'bitfit' trains the groups"):
+        run_main(tmp_path, "strategy=bitfit", "train.loraplus_ratio=4")
+    assert not (tmp_path / "run").exists()
 
 
 def test_metrics_json_says_where_the_time_went(tmp_path):

@@ -56,7 +56,7 @@ def validate_strategy_options(name: str, options: Optional[dict] = None) -> Any:
 
 
 def apply_strategy(model: nn.Module, name: str, head_modules: Optional[Sequence[str]] = None, pooling: str = "cls",
-                   **options) -> nn.Module:
+                   batchnorm: str = "train", **options) -> nn.Module:
     """Adapt `model` with strategy `name` so that exactly the right parameters train.
 
     Args:
@@ -65,6 +65,8 @@ def apply_strategy(model: nn.Module, name: str, head_modules: Optional[Sequence[
         head_modules: the task head's module names, when they cannot be found automatically.
         pooling: what the head of a transformers encoder sees: `cls` (the model's own first-token/pooler
             features) or `mean` (masked mean of the last hidden states; see `peftlab.pooling`).
+        batchnorm: what batch norms whose weights train do with their running statistics in training: `train`
+            re-estimates them, `frozen` keeps them (see `freeze_norm_statistics`).
         **options: the strategy's options (e.g. `r=8` for `lora`).
     Returns the adapted model (the same object, or a peft wrapper for `lora`), tagged with `peftlab_strategy` (an
     `AppliedStrategy`).
@@ -75,8 +77,10 @@ def apply_strategy(model: nn.Module, name: str, head_modules: Optional[Sequence[
         raise PeftlabError(f"pooling={pooling!r} is not supported; choose one of {list(POOLINGS)}")
     if pooling == "mean":
         apply_mean_pooling(model)
+    if batchnorm not in BATCHNORM_POLICIES:
+        raise PeftlabError(f"batchnorm={batchnorm!r} is not supported; choose one of {list(BATCHNORM_POLICIES)}")
     adapted = get_strategy(name).fn(model, built, heads)
-    freeze_norm_statistics(adapted)
+    freeze_norm_statistics(adapted, batchnorm)
     # What save/load need to rebuild the same model on a fresh base, and the way to its record.
     adapted.peftlab_strategy = AppliedStrategy(name, dataclasses.asdict(built), heads, pooling)
     return adapted
@@ -103,12 +107,22 @@ def set_trainable(model: nn.Module, predicate: Callable[[str, nn.Parameter], boo
         param.requires_grad_(bool(predicate(param_name, param)))
 
 
-def freeze_norm_statistics(model: nn.Module) -> None:
-    """Keep frozen batch norms in eval mode, so training a frozen backbone never moves its running statistics."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-            p.requires_grad for p in module.parameters()
-        ):
+BATCHNORM_POLICIES = ("train", "frozen")
+
+
+def freeze_norm_statistics(model: nn.Module, batchnorm: str = "train") -> None:
+    """Keep batch norms in eval mode during training, so their running statistics never move: the frozen ones
+    always (training a frozen backbone must not change it), and with `batchnorm="frozen"` every one, also those
+    whose weights train (they then normalise with the pretrained statistics, whatever the batch size).
+
+    Raises a one-line PeftlabError for `batchnorm="frozen"` on a model without batch norms (a silent no-op).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if batchnorm == "frozen" and not norms:
+        raise PeftlabError("model.batchnorm=frozen, but the model has no batch norms (batch norms are a CNN's); "
+                           "leave model.batchnorm at train")
+    for module in norms:
+        if batchnorm == "frozen" or not any(p.requires_grad for p in module.parameters()):
             module.register_forward_pre_hook(_use_running_statistics)
 
 
