@@ -100,6 +100,10 @@ class TrainConfig:
     """Clip the gradient norm to this value; null disables clipping."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """`auto`: bf16 where the CPU or GPU supports it, else fp32."""
+    cpu_threads: Optional[int] = None
+    """Intra-op CPU threads per process; null: all physical cores of the process's share of the machine (cores /
+    local processes), or OMP_NUM_THREADS when you set it. On a machine shared with other busy jobs, 1 can be far
+    faster (threads wait on descheduled peers)."""
     seed: int = 42
     """Random seed of the run (initialisation, shuffling, dropout)."""
     eval_every: int = 0
@@ -165,7 +169,7 @@ _RANGES: dict[type, dict[str, str]] = {
         "grad_accum_steps": "positive", "lr": "positive", "weight_decay": "non_negative", "momentum": "fraction",
         "warmup_ratio": "fraction", "max_grad_norm": "positive", "eval_every": "non_negative",
         "early_stopping_patience": "positive", "checkpoint_every": "non_negative", "log_every": "positive",
-        "seed": "seed",
+        "seed": "seed", "cpu_threads": "positive",
     },
 }
 
