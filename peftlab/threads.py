@@ -73,10 +73,19 @@ def set_cpu_threads(configured: int | None) -> ThreadChoice:
         configured=configured, omp_num_threads=env.get("OMP_NUM_THREADS"),
         omp_from_launcher=omp_set_by_accelerate(env, *launcher),
         cpus=usable_cpus(), threads_per_core=_threads_per_core(),
-        local_processes=int(env.get("LOCAL_WORLD_SIZE") or 1),
+        local_processes=local_processes(env),
     )
     torch.set_num_threads(choice.threads)
     return choice
+
+
+# torch elastic (accelerate launch, torchrun), then the MPI launchers accelerate itself reads (commands/launch.py).
+LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+
+
+def local_processes(env) -> int:
+    """Processes of this run on this machine, from the launcher's environment (1 when none says)."""
+    return next((int(env[name]) for name in LOCAL_SIZE_VARS if env.get(name, "").isdigit()), 1)
 
 
 def omp_set_by_accelerate(env, launcher_env: dict | None, launcher_argv: list[str] | None) -> bool:

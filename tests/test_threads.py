@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.threads import choose_cpu_threads, omp_set_by_accelerate, usable_cpus
+from peftlab.threads import choose_cpu_threads, local_processes, omp_set_by_accelerate, usable_cpus
 
 ROOT = Path(__file__).parents[1]
 MACHINE = dict(cpus=2, threads_per_core=1, local_processes=1)  # 2 logical CPUs in the affinity mask
@@ -37,6 +37,13 @@ def threads(configured=None, omp=None, from_launcher=False, **machine):
 ])
 def test_thread_rule(kwargs, expected):
     assert threads(**kwargs) == expected
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, 1), ({"LOCAL_WORLD_SIZE": "2"}, 2), ({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, 4), ({"LOCAL_WORLD_SIZE": ""}, 1),
+])
+def test_local_processes_come_from_the_launcher(env, expected):
+    assert local_processes(env) == expected
 
 
 LAUNCHED = {"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "1"}
