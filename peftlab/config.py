@@ -117,6 +117,10 @@ class TrainConfig:
     """Clip the gradient norm to this value; null disables clipping."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """`auto`: bf16 where the CPU or GPU supports it, else fp32."""
+    cpu_threads: Optional[int] = None
+    """Intra-op CPU threads per process; null: all physical cores of the process's share of the machine (cores /
+    local processes), or OMP_NUM_THREADS when you set it. On a machine shared with other busy jobs, 1 can be far
+    faster (threads wait on descheduled peers)."""
     seed: int = 42
     """Random seed of the run (initialisation, shuffling, dropout)."""
     eval_every: int = 0
@@ -185,6 +189,7 @@ _RANGES: dict[type, dict[str, str]] = {
         "warmup_ratio": "fraction", "max_grad_norm": "positive", "eval_every": "non_negative",
         "early_stopping_patience": "positive", "checkpoint_every": "non_negative", "log_every": "positive",
         "seed": "seed", "head_lr": "positive", "layer_decay": "decay", "loraplus_ratio": "ratio",
+        "cpu_threads": "positive",
     },
 }
 

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from peftlab import run_folder
 from peftlab.config import RecipeConfig, save_config
 from peftlab.errors import PeftlabError
@@ -96,7 +98,8 @@ def test_and_save(cfg: RecipeConfig, task: str, *, accelerator, model, result, t
                "global_step": result.global_step, "stopped_early": result.stopped_early,
                "train_time_s": result.train_time_s, "samples_per_s": result.samples_per_s,
                "peak_memory_mb": result.peak_memory_mb, "phases_s": phases.as_dict(),
-               "param_groups": result.param_groups}
+               "param_groups": result.param_groups,
+               "cpu_threads": torch.get_num_threads()}  # per process, as build_accelerator set it
     accelerator.print(f"test accuracy {test_metrics['accuracy']:.4f}, macro-F1 {test_metrics['macro_f1']:.4f} "
                       f"({result.train_time_s:.0f} s, {result.samples_per_s:.1f} samples/s)")
     if accelerator.is_main_process:

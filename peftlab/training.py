@@ -35,6 +35,7 @@ from peftlab.checkpointing import (
 from peftlab.errors import PeftlabError, RunInterrupted
 from peftlab.learning_rates import describe, param_group_summary, rate_groups
 from peftlab.strategies import after_step_hook
+from peftlab.threads import set_cpu_threads
 from peftlab.tracking import build_trackers
 
 
@@ -87,8 +88,9 @@ def _cpu_has_bf16() -> bool:
 
 
 def build_accelerator(train_cfg, output_dir) -> Accelerator:
-    """An Accelerator with the run's precision, accumulation, trackers and epoch-seeded shuffling."""
-    return Accelerator(
+    """An Accelerator with the run's precision, accumulation, trackers and epoch-seeded shuffling; sets (and logs)
+    the process's CPU thread count (peftlab.threads)."""
+    accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(train_cfg.mixed_precision),
         gradient_accumulation_steps=train_cfg.grad_accum_steps,
         log_with=build_trackers(train_cfg.trackers, output_dir),
@@ -96,6 +98,10 @@ def build_accelerator(train_cfg, output_dir) -> Accelerator:
         # Shuffle order = f(seed + epoch), the same on every process and after a resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg.seed),
     )
+    # After the Accelerator: on multi-process CPU without OMP_NUM_THREADS it sets a thread count of its own.
+    threads = set_cpu_threads(train_cfg.cpu_threads)
+    accelerator.print(f"cpu threads: {threads.threads} per process ({threads.reason})")
+    return accelerator
 
 
 def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:

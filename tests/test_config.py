@@ -114,6 +114,7 @@ BAD_OVERRIDES = [
     ("train.epochs=0", "train.epochs", "must be > 0, got 0"),
     ("train.batch_size=-8", "train.batch_size", "must be > 0, got -8"),
     ("train.lr=0", "train.lr", "must be > 0, got 0.0"),
+    ("train.cpu_threads=0", "train.cpu_threads", "must be > 0, got 0"),
     ("train.eval_every=-1", "train.eval_every", "must be >= 0"),
     ("train.head_lr=0", "train.head_lr", "must be > 0, got 0.0"),
     ("train.layer_decay=0", "train.layer_decay", "must be in (0, 1], got 0.0"),

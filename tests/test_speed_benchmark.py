@@ -71,6 +71,12 @@ def test_pair_table_is_the_median_ratio_over_alternating_pairs():
     assert table[4].startswith("| head (100 train") and "a: recipe uncached" in table[4] and "**4.00x**" in table[5]
 
 
+def test_pair_table_names_the_thread_count_where_the_records_have_it():
+    records = [{**_cell("head", "a", 1, 8.0), "cpu_threads": 1}, {**_cell("head", "b", 1, 2.0), "cpu_threads": 2}]
+    table = pairs.pairs_table(pairs.pair_summaries(records)).splitlines()
+    assert "a: recipe uncached, 1 thread |" in table[2] and "b: recipe cached, 2 threads |" in table[3]
+
+
 def test_committed_speed_records_render_the_committed_table_into_every_readme(tmp_path):
     """The retired speed.py's case records (benchmarks/results/speed) render through the report, byte for byte."""
     committed = ROOT / "benchmarks" / "results" / "speed"

@@ -99,6 +99,16 @@ def test_metrics_json_says_where_the_time_went(tmp_path):
     assert metrics["samples_per_s"] == pytest.approx(6 * 16 / phases["train_steps"], rel=1e-2)
 
 
+def test_metrics_json_records_the_cpu_threads(tmp_path):
+    """train.cpu_threads wins over OMP_NUM_THREADS and the all-cores default; 3 is neither here (2 cores)."""
+    threads = torch.get_num_threads()
+    try:
+        metrics, run = run_main(tmp_path, "strategy=head", "train.cpu_threads=3")
+    finally:
+        torch.set_num_threads(threads)  # the recipe set this pytest process's count
+    assert metrics["cpu_threads"] == json.loads((run / "metrics.json").read_text())["cpu_threads"] == 3
+
+
 def test_existing_output_dir_is_refused(tmp_path):
     run_main(tmp_path)
     from peftlab import PeftlabError

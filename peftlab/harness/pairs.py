@@ -58,7 +58,8 @@ def _run_figures(record: dict) -> dict:
     train_rows = ((record.get("data") or {}).get("rows") or {}).get("train") or config["data"]["max_train_samples"]
     spec = {"kind": "recipe" if record["kind"] == "recipe" else record["program"].split("_")[0],
             "strategy": config["strategy"], "epochs": config["train"]["epochs"], "train_samples": train_rows,
-            "eval_samples": config["data"]["max_eval_samples"], "seed": record["seed"]}
+            "eval_samples": config["data"]["max_eval_samples"], "seed": record["seed"],
+            "cpu_threads": record.get("cpu_threads")}  # per process; absent from records made before it was kept
     if record["kind"] == "recipe":
         spec["cache"] = config["train"]["cache_frozen_features"]
     return {"spec": spec, "cell": record["cell"], "wall_s": record["wall_time_s"], "train_phase_s": train_phase_s,
@@ -89,6 +90,8 @@ def pairs_table(summaries: list[dict]) -> str:
             cached = run["spec"]["strategy"] == "head" and run["spec"].get("cache")
             uncached = run["spec"]["strategy"] == "head" and not cached
             label = run["spec"]["kind"] + (" cached" if cached else " uncached" if uncached else "")
+            threads = run["spec"].get("cpu_threads")
+            label += f", {threads} thread{'s' if threads > 1 else ''}" if threads else ""
             count = len(record["runs"][side])
             if count > 1:
                 label += f" ({'lower ' if count % 2 == 0 else ''}median of {count})"

@@ -52,6 +52,10 @@ def register_job(name: str, script: str, *, args: tuple[str, ...] = (), task: st
 # The usual loop the speed grids compare the recipes against (benchmarks/SPEED.md).
 register_job("trainer_text", "benchmarks/trainer_baseline.py", args=("--task", "text"), task="text")
 register_job("trainer_image", "benchmarks/trainer_baseline.py", args=("--task", "image"), task="image")
+# The README's launch commands, for thread counts that only `accelerate launch` meets (grids/speed_threads.yaml).
+register_job("accelerate_text", "benchmarks/accelerate_launch.py", args=("text_classification",), task="text")
+register_job("accelerate_text_ddp2", "benchmarks/accelerate_launch.py",
+             args=("--processes", "2", "text_classification"), task="text")
 
 
 def recipe(name: str, where: str) -> Program:

@@ -209,6 +209,7 @@ def _run_outputs(task: str | None, run_dir: Path) -> dict:
         "train_time_s": metrics["train_time_s"],
         "samples_per_s": metrics["samples_per_s"],
         "peak_memory_mb": metrics["peak_memory_mb"],
+        "cpu_threads": metrics.get("cpu_threads"),  # per process; absent from runs made before it was recorded
         "phases_s": metrics.get("phases_s"),  # absent from runs made before the engine timed its phases
         "model_size_bytes": folder_size(run_dir / "model"),
         # `auto` precision depends on the machine: record what it resolved to here (bf16 where the CPU has it).
