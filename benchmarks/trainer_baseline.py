@@ -54,7 +54,7 @@ def main(cfg: RecipeConfig, task: str) -> dict:
         model = get_peft_model(model, LoraConfig(
             r=options.get("r", 8), lora_alpha=options.get("alpha", 16), lora_dropout=options.get("dropout", 0.0),
             target_modules=find_lora_targets(model, heads), modules_to_save=heads))
-    counts = count_parameters(model)
+    counts = count_parameters(model, head_modules=find_head(backbone.model))
     output_dir = prepare_output_dir(cfg)
     phases.lap("model")
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from peftlab.heads import find_head, is_in_modules
 from peftlab.strategies import AppliedStrategy
-from peftlab.strategies.registry import same_name
+from peftlab.strategies.registry import peft_base_name, same_name
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,10 @@ def count_parameters(model: nn.Module, head_modules: Optional[Sequence[str]] = N
     head it trains) is not counted twice. Where the head sits is the strategy record's `base_name`.
     """
     applied = getattr(model, "peftlab_strategy", None)
-    base_name = applied.record.base_name if isinstance(applied, AppliedStrategy) else same_name
+    if isinstance(applied, AppliedStrategy):
+        base_name = applied.record.base_name
+    else:  # a model peftlab did not adapt: a peft model made by `get_peft_model` (e.g. the Trainer baseline), or plain
+        base_name = peft_base_name if type(model).__module__.startswith("peft.") else same_name
     if head_modules is None:
         head_modules = applied.head_modules if isinstance(applied, AppliedStrategy) else find_head(model)
     trainable = total = head = trainable_head = 0
