@@ -36,6 +36,7 @@ def finish(process: subprocess.Popen, output_dir: Path) -> dict:
     return json.loads((output_dir / "result.json").read_text())
 
 
+@pytest.mark.slow  # two subprocess runs; the seeded kills below cover it too
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     run_dir = tmp_path / "killed"
     # 0.1 s per training forward: the 2nd checkpoint lands about 0.6 s into training, the run would take 2.4 s.
@@ -69,6 +70,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert resumed["best_metrics"] == pytest.approx(reference.best_metrics, abs=1e-6)
 
 
+@pytest.mark.slow  # two subprocess runs; the injection points below cover it too
 def test_sigkill_during_checkpoint_save_leaves_the_previous_one_loadable(tmp_path):
     run_dir = tmp_path / "killed"
     process = start(run_dir, "--stall-save-at", "6")

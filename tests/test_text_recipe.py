@@ -117,6 +117,7 @@ def test_existing_output_dir_is_refused(tmp_path):
         run_main(tmp_path)
 
 
+@pytest.mark.slow  # a recipe subprocess; tests/test_bad_inputs.py checks the same in-process
 def test_cli_reports_bad_input_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, str(RECIPE), "strategy=lorra", f"output_dir={tmp_path}"],
                             capture_output=True, text=True, timeout=120)

@@ -62,6 +62,7 @@ def test_accelerate_default_is_told_from_the_users(env, launcher_env, launcher_a
     assert omp_set_by_accelerate(env, launcher_env, launcher_argv) is accelerates
 
 
+@pytest.mark.slow  # the real launcher, a recipe-free script: seconds each, but two launches
 @pytest.mark.parametrize("launcher_omp", [None, "1"])
 def test_under_accelerate_launch(tmp_path, launcher_omp):
     """The real launcher: its exported OMP_NUM_THREADS=1 gives way to all cores, the user's does not (~5 s each)."""
