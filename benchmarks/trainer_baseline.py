@@ -95,10 +95,7 @@ def main(cfg: RecipeConfig, task: str) -> dict:
         "stopped_early": False, "train_time_s": train_time,
         "samples_per_s": trainer.state.epoch * len(train_set) / steps_s,  # epoch: fractional under max_steps
         "peak_memory_mb": _peak_memory_mb(), "phases_s": phases.as_dict(),
-        "parameters": {"trainable": counts.trainable, "total": counts.total, "head": counts.head,
-                       "trainable_without_head": counts.trainable_without_head,
-                       "trainable_percent": round(counts.trainable_percent, 4),
-                       "rule": "trainable includes the task head; trainable_without_head is the LoRA paper's rule"}}
+        "parameters": counts.as_record()}
     save_config(cfg, output_dir / CONFIG_FILE)
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     run_folder.close_run_folder(output_dir, run_folder.FINISHED)

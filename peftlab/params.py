@@ -26,6 +26,13 @@ class ParameterCount:
     def trainable_percent(self) -> float:
         return 100.0 * self.trainable / self.total
 
+    def as_record(self) -> dict:
+        """The counts as metrics.json stores them, with the rule they follow."""
+        return {"trainable": self.trainable, "total": self.total, "head": self.head,
+                "trainable_without_head": self.trainable_without_head,
+                "trainable_percent": round(self.trainable_percent, 4),
+                "rule": "trainable includes the task head; trainable_without_head is the LoRA paper's rule"}
+
     def __str__(self) -> str:
         return (
             f"trainable {self.trainable:,} of {self.total:,} ({self.trainable_percent:.3f}%, head included); "

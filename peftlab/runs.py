@@ -119,11 +119,7 @@ def write_run_outputs(output_dir: Path, cfg: RecipeConfig, task: str, model, pre
         preprocessor.save_pretrained(model_dir)
     (model_dir / TASK_FILE).write_text(json.dumps({"task": task, "label_names": label_names}) + "\n")
     save_config(cfg, Path(output_dir) / CONFIG_FILE)
-    metrics = {**metrics, "parameters": {
-        "trainable": counts.trainable, "total": counts.total, "head": counts.head,
-        "trainable_without_head": counts.trainable_without_head,
-        "trainable_percent": round(counts.trainable_percent, 4),
-        "rule": "trainable includes the task head; trainable_without_head is the LoRA paper's rule"}}
+    metrics = {**metrics, "parameters": counts.as_record()}
     (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     (Path(output_dir) / "README.md").write_text(model_card(cfg, task, metrics, counts, label_names))
 
