@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from accelerate.utils import set_seed
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -28,6 +29,7 @@ from peftlab.heads import find_head
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
 from peftlab.phases import PhaseTimer
 from peftlab.runs import CONFIG_FILE, METRICS_FILE, prepare_output_dir
+from peftlab.training import peak_memory_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = {"text": ROOT / "recipes" / "configs" / "minilm_lora_rotten_tomatoes.yaml",
@@ -94,7 +96,7 @@ def main(cfg: RecipeConfig, task: str) -> dict:
         "test": test, "best_step": _step_of(trainer.state.best_model_checkpoint), "global_step": state.global_step,
         "stopped_early": False, "train_time_s": train_time,
         "samples_per_s": trainer.state.epoch * len(train_set) / steps_s,  # epoch: fractional under max_steps
-        "peak_memory_mb": _peak_memory_mb(), "phases_s": phases.as_dict(),
+        "peak_memory_mb": peak_memory_mb(torch.device("cpu")), "phases_s": phases.as_dict(),
         "parameters": counts.as_record()}
     save_config(cfg, output_dir / CONFIG_FILE)
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -167,12 +169,6 @@ def load_sets(cfg: RecipeConfig, task: str, phases: PhaseTimer):
 
 def _step_of(checkpoint: str | None) -> int | None:
     return int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None
-
-
-def _peak_memory_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 if __name__ == "__main__":

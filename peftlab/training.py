@@ -287,7 +287,7 @@ def train(
         global_step=progress.global_step,
         train_time_s=progress.train_time_s,
         samples_per_s=progress.samples / max(progress.step_time_s, 1e-9),
-        peak_memory_mb=_peak_memory_mb(accelerator),
+        peak_memory_mb=peak_memory_mb(accelerator.device),
         stopped_early=stopped_early,
         best_checkpoint=str(best) if best else None,
         phases_s={"train_steps": progress.step_time_s, "evaluation": progress.evaluation_s,
@@ -397,7 +397,8 @@ def _loggable(value):
     return value if isinstance(value, (bool, int, float, str)) else str(value)
 
 
-def _peak_memory_mb(accelerator) -> float:
-    if accelerator.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(accelerator.device) / 2**20
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated memory on `device`, or the process's max resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
