@@ -147,7 +147,7 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[:100])
 
 
-class _Planted:
+class Planted:
     """Unpickling this would run code: a weights_only load must refuse it."""
 
     def __reduce__(self):
@@ -158,7 +158,7 @@ class _Planted:
     (_truncate, "trainable.safetensors", "is truncated or corrupt"),
     (lambda p: p.unlink(), "optimizer.pt", "is missing"),
     (lambda p: p.write_text("{broken"), "progress.json", "is not a valid progress file"),
-    (lambda p: torch.save({"state": _Planted()}, p), "scheduler.pt", "holds objects other than tensors"),
+    (lambda p: torch.save({"state": Planted()}, p), "scheduler.pt", "holds objects other than tensors"),
 ])
 def test_a_damaged_checkpoint_file_is_named_in_one_line(tmp_path, damage, file, problem, capsys):
     run(tmp_path, tiny_config(max_steps=6, checkpoint_every=3))  # keeps step-6 (latest) and the best

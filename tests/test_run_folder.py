@@ -24,6 +24,7 @@ from peftlab.run_folder import (
     read_marker,
 )
 from tests.test_bad_inputs import error_line
+from tests.test_checkpointing import Planted
 from tests.test_text_recipe import RECIPE, run_main
 
 ROOT = Path(__file__).parents[1]
@@ -193,13 +194,6 @@ def damage(run: Path, what: str | None):
     elif what == "scheduler.pt":
         torch.save({"planted": Planted()}, latest / what)
     return None
-
-
-class Planted:
-    """Unpickling this would run code."""
-
-    def __reduce__(self):
-        return (print, ("planted pickle ran",))
 
 
 def resume_error(case, trained: Path, folder: Path) -> tuple[int, list[str], Path]:
