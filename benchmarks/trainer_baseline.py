@@ -24,7 +24,8 @@ from accelerate.utils import set_seed
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peftlab import PeftlabError, count_parameters, run_folder
-from peftlab.config import RecipeConfig, run_cli, save_config
+from peftlab.cli import run_cli
+from peftlab.config import RecipeConfig, save_config
 from peftlab.heads import find_head
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
 from peftlab.phases import PhaseTimer
@@ -129,23 +130,18 @@ class PhaseCallback(TrainerCallback):
 def load_sets(cfg: RecipeConfig, task: str, phases: PhaseTimer):
     """Train, validation and test sets as the recipe splits them (texts padded to max_length), the backbone, labels;
     the data and model phases timed as the recipe times them."""
-    from peftlab.backbones import load_backbone
+    from peftlab.backbones import load_base
+    from peftlab.data import load_data
 
-    data_options = dict(validation_fraction=cfg.data.validation_fraction, test_fraction=cfg.data.test_fraction,
-                        split_seed=cfg.data.split_seed, max_train_samples=cfg.data.max_train_samples,
-                        max_eval_samples=cfg.data.max_eval_samples)
+    data = load_data(cfg.data, task)
+    phases.lap("data")
+    backbone = load_base(cfg.model, task=task, label_names=data.label_names)
+    phases.lap("model")
     if task == "text":
-        from peftlab.data.text import load_text_dataset
         from peftlab.pooling import apply_mean_pooling
 
-        data = load_text_dataset(cfg.data.name, text_column=cfg.data.text_column,
-                                 label_column=cfg.data.label_column, **data_options)
-        phases.lap("data")
-        backbone = load_backbone(cfg.model.name, task="text", num_labels=data.num_labels, label_names=data.label_names,
-                                 num_hidden_layers=cfg.model.num_hidden_layers, dropout=cfg.model.dropout)
         if cfg.model.pooling == "mean":
             apply_mean_pooling(backbone.model)
-        phases.lap("model")
         tokenizer = backbone.tokenizer
         encoded = data.splits.map(lambda batch: tokenizer(batch["text"], truncation=True, padding="max_length",
                                                           max_length=cfg.data.max_length),
@@ -153,14 +149,9 @@ def load_sets(cfg: RecipeConfig, task: str, phases: PhaseTimer):
         encoded.set_format("torch")
         sets = encoded["train"], encoded["validation"], encoded["test"]
     else:
-        from peftlab.data.image import TransformedImages, load_image_dataset
+        from peftlab.data.image import TransformedImages
         from peftlab.data.transforms import build_image_transform
 
-        data = load_image_dataset(cfg.data.name, label_column=cfg.data.label_column, **data_options)
-        phases.lap("data")
-        backbone = load_backbone(cfg.model.name, task="image", num_labels=data.num_labels,
-                                 label_names=data.label_names, dropout=cfg.model.dropout)
-        phases.lap("model")
         transform = build_image_transform(cfg.data.image_size, backbone.image_mean, backbone.image_std, train=False)
         sets = tuple(TransformedImages(data.splits[s], transform) for s in ("train", "validation", "test"))
     phases.lap("data")

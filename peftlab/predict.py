@@ -1,8 +1,8 @@
 """Label new texts or images with a run's output folder.
 
-    python -m peftlab.predict outputs/minilm_lora_rotten_tomatoes "a gripping, beautifully shot film" "dull"
-    python -m peftlab.predict outputs/minilm_lora_rotten_tomatoes --file reviews.txt     # one text per line
-    python -m peftlab.predict outputs/efficientnet_lite0_lora_animal_mnist cat.png dog.jpg
+    peftlab predict outputs/minilm_lora_rotten_tomatoes "a gripping, beautifully shot film" "dull"
+    peftlab predict outputs/minilm_lora_rotten_tomatoes --file reviews.txt     # one text per line
+    peftlab predict outputs/efficientnet_lite0_lora_animal_mnist cat.png dog.jpg
 
 Prints one JSON line per input: {"input": ..., "label": ..., "score": ...}.
 """
@@ -14,115 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from PIL import Image
-from safetensors import SafetensorError, safe_open
-
-from peftlab.backbones import load_backbone
-from peftlab.config import load_config
-from peftlab.data.image import IMAGE_SUFFIXES, open_image_file
-from peftlab.data.splits import first_line
 from peftlab.errors import PeftlabError
-from peftlab.runs import CONFIG_FILE, MODEL_SUBDIR, TASK_FILE
-from peftlab.saving import load_trained
-
-
-class Predictor:
-    """A trained run loaded for inference: the base backbone plus what trained, in eval mode."""
-
-    def __init__(self, run_dir: str | Path):
-        run_dir = Path(run_dir)
-        model_dir = run_dir / MODEL_SUBDIR
-        if not (model_dir / TASK_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
-            raise PeftlabError(f"{run_dir} is not a finished peftlab run (no {CONFIG_FILE} or "
-                               f"{MODEL_SUBDIR}/{TASK_FILE})")
-        self.run_dir = run_dir
-        check_saved_files(model_dir)
-        self.cfg = load_config(str(run_dir / CONFIG_FILE))
-        info = json.loads((model_dir / TASK_FILE).read_text())
-        if not isinstance(info, dict) or info.get("task") not in ("text", "image") or not info.get("label_names"):
-            raise damaged(model_dir / TASK_FILE, "no task and label_names")
-        self.task, self.label_names = info["task"], info["label_names"]
-        backbone = load_backbone(self.cfg.model.name, task=self.task, num_labels=len(self.label_names),
-                                 label_names=self.label_names, quantization=self.cfg.model.quantization,
-                                 skip_modules=self.cfg.model.head_modules,
-                                 trust_remote_code=self.cfg.model.trust_remote_code,
-                                 num_hidden_layers=self.cfg.model.num_hidden_layers)
-        self.backbone = backbone
-        try:
-            self.model = load_trained(backbone.model, model_dir).eval()
-        except PeftlabError:
-            raise
-        except (OSError, ValueError, SafetensorError) as err:  # a missing or unreadable weights file
-            raise PeftlabError(f"cannot load the trained weights in {model_dir} ({first_line(err)}); the run folder "
-                               f"is incomplete or damaged: restore it from a copy or train the run again") from err
-        if self.task == "image":
-            from peftlab.data.transforms import build_image_transform
-
-            self.transform = build_image_transform(self.cfg.data.image_size, backbone.image_mean, backbone.image_std,
-                                                   train=False)
-
-    @torch.no_grad()
-    def probabilities(self, inputs: list) -> torch.Tensor:
-        """Class probabilities (N, num_labels) for texts, or image paths / PIL images."""
-        if self.task == "text":
-            for text in inputs:
-                self.check_text(text)
-            batch = self.backbone.tokenizer(inputs, truncation=True, max_length=self.cfg.data.max_length,
-                                            padding=True, return_tensors="pt")
-        else:
-            images = [self.open_image(x) if isinstance(x, (str, Path)) else x for x in inputs]
-            batch = {"pixel_values": torch.stack([self.transform(image) for image in images])}
-        return self.model(**batch).logits.float().softmax(dim=-1)
-
-    def check_text(self, text) -> None:
-        """Error for an input a text run cannot label: not a string, or what looks like an image file's path."""
-        if not isinstance(text, str):
-            raise PeftlabError(f"{text!r} is not a text; run {self.run_dir} labels texts")
-        if Path(text).suffix.lower() in IMAGE_SUFFIXES and not any(char.isspace() for char in text):
-            raise PeftlabError(f"{text!r} looks like an image file, but run {self.run_dir} labels texts; pass texts, "
-                               f"or the folder of an image run")
-
-    def open_image(self, path: str | Path) -> Image.Image:
-        """The decoded image at `path`; one-line errors for text given to an image run and for unreadable files."""
-        if not Path(path).is_file():
-            raise PeftlabError(f"{str(path)!r} is not an image file, and run {self.run_dir} labels images; pass "
-                               f"paths of existing image files")
-        return open_image_file(path)
-
-    def predict(self, inputs: list, batch_size: int = 64) -> list[dict]:
-        """One {"input", "label", "score"} dict per input."""
-        results = []
-        for start in range(0, len(inputs), batch_size):
-            chunk = inputs[start:start + batch_size]
-            scores, ids = self.probabilities(chunk).max(dim=-1)
-            results += [{"input": str(x), "label": self.label_names[i], "score": round(s, 4)}
-                        for x, i, s in zip(chunk, ids.tolist(), scores.tolist())]
-        return results
-
-
-def check_saved_files(model_dir: Path) -> None:
-    """Error naming the first JSON file that does not parse or safetensors file that is cut short in `model_dir`,
-    or saying that it holds no weights file at all (every strategy saves its weights as safetensors)."""
-    if not any(model_dir.glob("*.safetensors")):
-        raise PeftlabError(f"{model_dir} holds no weights file (*.safetensors); the run folder is incomplete: "
-                           f"restore it from a copy or train the run again")
-    for path in sorted(model_dir.glob("*.json")):
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise damaged(path, first_line(err)) from err
-    for path in sorted(model_dir.glob("*.safetensors")):
-        try:
-            with safe_open(path, framework="pt") as weights:
-                weights.keys()  # opening checks that the header parses and that the data covers what it lists
-        except (OSError, SafetensorError) as err:
-            raise damaged(path, first_line(err)) from err
-
-
-def damaged(path: Path, reason: str) -> PeftlabError:
-    """The error for a file of a run folder that cannot be read."""
-    return PeftlabError(f"{path} is damaged ({reason}); restore the run folder from a copy or train the run again")
+from peftlab.loading import load
 
 
 def read_text_file(path: Path) -> str:
@@ -139,7 +32,7 @@ def read_text_file(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m peftlab.predict", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="peftlab predict", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="a run's output_dir")
     parser.add_argument("inputs", nargs="*", help="texts, or image files for an image run")
     parser.add_argument("--file", help="a text file with one input per line")
@@ -153,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
             inputs += [line for line in read_text_file(path).splitlines() if line.strip()]
         if not inputs:
             raise PeftlabError("nothing to label: pass texts/image paths or --file")
-        for result in Predictor(args.run_dir).predict(inputs):
+        for result in load(args.run_dir).predict(inputs):
             print(json.dumps(result))
     except PeftlabError as err:
         print(f"error: {err}", file=sys.stderr)

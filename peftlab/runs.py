@@ -151,5 +151,5 @@ tags: [peftlab, {cfg.strategy}, {task}-classification]
 
 {loading}
 
-Or label new inputs: `python -m peftlab.predict <this folder> INPUT ...` (texts, or image files).
+Or label new inputs: `peftlab predict <this folder> INPUT ...` (texts, or image files).
 """

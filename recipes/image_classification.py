@@ -18,10 +18,11 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from peftlab import PeftlabError, apply_strategy, count_parameters
-from peftlab.backbones import Backbone, load_backbone
+from peftlab.backbones import Backbone, load_base
 from peftlab.caching import frozen_feature_cache
-from peftlab.config import RecipeConfig, run_cli
-from peftlab.data.image import load_image_dataset, make_image_dataloader
+from peftlab.cli import run_cli
+from peftlab.config import RecipeConfig
+from peftlab.data import load_data, make_image_dataloader
 from peftlab.data.transforms import build_image_transform
 from peftlab.learning_rates import rate_groups
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
@@ -37,23 +38,13 @@ def main(cfg: RecipeConfig) -> dict:
     phases = PhaseTimer()  # where the time goes, written into metrics.json as phases_s
 
     # Data: train/validation/test with `image` (RGB PIL, any size) and `label`; images are decoded per batch.
-    data = load_image_dataset(
-        cfg.data.name, label_column=cfg.data.label_column,
-        validation_fraction=cfg.data.validation_fraction, test_fraction=cfg.data.test_fraction,
-        split_seed=cfg.data.split_seed, max_train_samples=cfg.data.max_train_samples,
-        max_eval_samples=cfg.data.max_eval_samples,
-    )
+    data = load_data(cfg.data, task="image")
     phases.lap("data")
 
     # Backbone with a new head, then the strategy decides what trains. Seeded first: the new head and LoRA's A
     # matrices draw their initial values from the global RNG (train() reseeds only later, for shuffling and dropout).
     set_seed(cfg.train.seed)
-    backbone = load_backbone(
-        cfg.model.name, task="image", num_labels=data.num_labels, label_names=data.label_names,
-        quantization=cfg.model.quantization, skip_modules=cfg.model.head_modules,
-        trust_remote_code=cfg.model.trust_remote_code, num_hidden_layers=cfg.model.num_hidden_layers,
-        dropout=cfg.model.dropout,
-    )
+    backbone = load_base(cfg.model, task="image", label_names=data.label_names)
     check_image_size(backbone, cfg.data.image_size)
     model = apply_strategy(backbone.model, cfg.strategy, head_modules=cfg.model.head_modules,
                            pooling=cfg.model.pooling, batchnorm=cfg.model.batchnorm,

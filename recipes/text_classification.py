@@ -14,10 +14,11 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from peftlab import apply_strategy, count_parameters
-from peftlab.backbones import check_max_length, load_backbone
+from peftlab.backbones import check_max_length, load_base
 from peftlab.caching import frozen_feature_cache
-from peftlab.config import RecipeConfig, run_cli
-from peftlab.data.text import load_text_dataset, make_text_dataloader, tokenize_dataset
+from peftlab.cli import run_cli
+from peftlab.config import RecipeConfig
+from peftlab.data import load_data, make_text_dataloader, tokenize_dataset
 from peftlab.learning_rates import rate_groups
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
 from peftlab.phases import PhaseTimer
@@ -32,23 +33,13 @@ def main(cfg: RecipeConfig) -> dict:
     phases = PhaseTimer()  # where the time goes, written into metrics.json as phases_s
 
     # Data: train/validation/test with `text` and `label`, tokenized without padding (batches pad dynamically).
-    data = load_text_dataset(
-        cfg.data.name, text_column=cfg.data.text_column, label_column=cfg.data.label_column,
-        validation_fraction=cfg.data.validation_fraction, test_fraction=cfg.data.test_fraction,
-        split_seed=cfg.data.split_seed, max_train_samples=cfg.data.max_train_samples,
-        max_eval_samples=cfg.data.max_eval_samples,
-    )
+    data = load_data(cfg.data, task="text")
     phases.lap("data")
 
     # Backbone with a new head, then the strategy decides what trains. Seeded first: the new head (and LoRA's A
     # matrices) draw their initial values from the global RNG (train() reseeds only later, for shuffling and dropout).
     set_seed(cfg.train.seed)
-    backbone = load_backbone(
-        cfg.model.name, task="text", num_labels=data.num_labels, label_names=data.label_names,
-        quantization=cfg.model.quantization, skip_modules=cfg.model.head_modules,
-        trust_remote_code=cfg.model.trust_remote_code, num_hidden_layers=cfg.model.num_hidden_layers,
-        dropout=cfg.model.dropout,
-    )
+    backbone = load_base(cfg.model, task="text", label_names=data.label_names)
     check_max_length(backbone, cfg.data.max_length)
     model = apply_strategy(backbone.model, cfg.strategy, head_modules=cfg.model.head_modules,
                            pooling=cfg.model.pooling, batchnorm=cfg.model.batchnorm,

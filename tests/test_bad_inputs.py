@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.config import run_cli
+from peftlab.cli import run_cli
 from peftlab.run_folder import FINISHED, write_marker
 
 ROOT = Path(__file__).parents[1]
@@ -173,7 +173,7 @@ def write_table(path: Path = ROOT / "docs" / "bad_inputs.md") -> None:
              "`tests/test_image_recipe.py`.", "", *header]
     rows += [row(case_id, [f"data.name={{tmp}}/{folder}"], test_image_recipe.bad_data_error(folder, tmp)[1][0])
              for case_id, folder, _ in test_image_recipe.BAD_DATA_CASES]
-    rows += ["", "## Predict", "", "`python -m peftlab.predict RUN_DIR ...`, cases of `tests/test_predict.py`; "
+    rows += ["", "## Predict", "", "`peftlab predict RUN_DIR ...`, cases of `tests/test_predict.py`; "
              "`<run>` is a LoRA run folder,", "damaged as the case says.", "", *header]
     for case in test_predict.CASES:
         argv, run = test_predict.case_arguments(case, runs, tmp)

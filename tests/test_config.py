@@ -10,18 +10,8 @@ from pathlib import Path
 import pytest
 
 import peftlab.strategies
-from peftlab.config import (
-    DataConfig,
-    ModelConfig,
-    RecipeConfig,
-    TrainConfig,
-    config_to_dict,
-    field_docs,
-    load_config,
-    parse_recipe_args,
-    run_cli,
-    save_config,
-)
+from peftlab.cli import field_docs, parse_recipe_args, run_cli
+from peftlab.config import DataConfig, ModelConfig, RecipeConfig, TrainConfig, config_to_dict, load_config, save_config
 from peftlab.errors import PeftlabError
 
 FAKE_STRATEGIES = ["full", "head", "lora"]
@@ -271,7 +261,7 @@ def test_run_cli_debug_reraises():
 
 
 def test_run_cli_in_a_process_shows_no_traceback():
-    code = "from peftlab.config import run_cli; run_cli(print, ['train.optimizer=adam'])"
+    code = "from peftlab.cli import run_cli; run_cli(print, ['train.optimizer=adam'])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             cwd=Path(__file__).parents[1])
     assert result.returncode == 2

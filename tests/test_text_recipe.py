@@ -32,7 +32,7 @@ def test_lora_run_writes_outputs_that_peft_loads(tmp_path):
     from peft import PeftModel
 
     from peftlab.backbones import load_backbone
-    from peftlab.predict import Predictor
+    import peftlab
 
     metrics, run = run_main(tmp_path)
     saved = json.loads((run / "metrics.json").read_text())
@@ -47,7 +47,7 @@ def test_lora_run_writes_outputs_that_peft_loads(tmp_path):
     assert (run / "log.jsonl").read_text().strip()
 
     # Plain peft onto a freshly loaded base gives the predictor's (and so the recipe's) probabilities.
-    predictor = Predictor(run)
+    predictor = peftlab.load(run)
     texts = ["a warm, funny and moving film", "tedious and far too long"]
     base = load_backbone("minilm", task="text", num_labels=2, label_names=["rotten", "fresh"], num_hidden_layers=1)
     from peftlab.pooling import apply_mean_pooling

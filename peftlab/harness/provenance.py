@@ -82,21 +82,18 @@ def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-# Which loader rebuilds a run's splits from the resolved `data` section (the same call the recipe makes).
+# A run's splits rebuilt from the resolved `data` section of its record (the same call the recipe makes). Keys that
+# records written before a DataConfig field existed lack take that field's default.
 def _load_splits(task: str | None, data: dict):
-    common = dict(validation_fraction=data["validation_fraction"], test_fraction=data["test_fraction"],
-                  split_seed=data["split_seed"], max_train_samples=data["max_train_samples"],
-                  max_eval_samples=data["max_eval_samples"])
-    if task == "text":
-        from peftlab.data.text import load_text_dataset
+    if task not in ("text", "image"):
+        return None
+    import dataclasses
 
-        return load_text_dataset(data["name"], text_column=data["text_column"], label_column=data["label_column"],
-                                 **common).splits
-    if task == "image":
-        from peftlab.data.image import load_image_dataset
+    from peftlab.config import DataConfig
+    from peftlab.data import load_data
 
-        return load_image_dataset(data["name"], label_column=data["label_column"], **common).splits
-    return None
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    return load_data(DataConfig(**{k: v for k, v in data.items() if k in known}), task).splits
 
 
 def data_fingerprint(task: str | None, data: dict) -> dict | None:
