@@ -26,6 +26,7 @@ import typing
 from typing import Any, Callable, Optional
 
 from peftlab.config import RecipeConfig, load_config
+from peftlab.console import quiet_third_party
 from peftlab.errors import PeftlabError
 from peftlab.typed import describe_type
 
@@ -50,6 +51,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"error: unknown command {command!r}{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         sys.exit(2)
+    quiet_third_party(debug="--debug" in rest)
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [f"peftlab {command}", *rest]  # so the command's --help and messages name it as typed
     module.main(rest)
@@ -155,6 +157,7 @@ def run_cli(
 
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # known before parsing, so a bad config can show its traceback too
+    quiet_third_party(debug)
     previous_sigterm = _sigterm_raises_keyboard_interrupt()
     try:
         cfg, debug = parse_recipe_args(argv, default_config)

@@ -66,18 +66,25 @@ class LoadedRun:
             self.transform = build_image_transform(self.cfg.data.image_size, backbone.image_mean, backbone.image_std,
                                                    train=False)
 
-    @torch.no_grad()
-    def probabilities(self, inputs: list) -> torch.Tensor:
-        """Class probabilities (N, num_labels) for texts, or image paths / PIL images."""
+    def preprocess(self, inputs: list) -> dict[str, torch.Tensor]:
+        """The model's input batch for texts (tokenized and padded as in training), or image paths / PIL images
+        (resized and normalised as at evaluation)."""
         if self.task == "text":
             for text in inputs:
                 self.check_text(text)
-            batch = self.backbone.tokenizer(inputs, truncation=True, max_length=self.cfg.data.max_length,
-                                            padding=True, return_tensors="pt")
-        else:
-            images = [self.open_image(x) if isinstance(x, (str, Path)) else x for x in inputs]
-            batch = {"pixel_values": torch.stack([self.transform(image) for image in images])}
-        return self.model(**batch).logits.float().softmax(dim=-1)
+            return dict(self.backbone.tokenizer(inputs, truncation=True, max_length=self.cfg.data.max_length,
+                                                padding=True, return_tensors="pt"))
+        images = [self.open_image(x) if isinstance(x, (str, Path)) else x for x in inputs]
+        return {"pixel_values": torch.stack([self.transform(image) for image in images])}
+
+    @torch.no_grad()
+    def logits(self, inputs: list) -> torch.Tensor:
+        """Float logits (N, num_labels) for texts, or image paths / PIL images."""
+        return self.model(**self.preprocess(inputs)).logits.float()
+
+    def probabilities(self, inputs: list) -> torch.Tensor:
+        """Class probabilities (N, num_labels) for texts, or image paths / PIL images; columns follow label_names."""
+        return self.logits(inputs).softmax(dim=-1)
 
     def check_text(self, text) -> None:
         """Error for an input a text run cannot label: not a string, or what looks like an image file's path."""
@@ -94,14 +101,19 @@ class LoadedRun:
                                f"paths of existing image files")
         return open_image_file(path)
 
-    def predict(self, inputs: list, batch_size: int = 64) -> list[dict]:
-        """One {"input", "label", "score"} dict per input."""
+    def predict(self, inputs: list, batch_size: int = 64, progress: bool = False) -> list[dict]:
+        """One {"input", "label", "score", "probabilities": {label name: probability}} dict per input, labelled in
+        batches of `batch_size` (with a progress bar on stderr when `progress` and there is more than one batch)."""
+        from tqdm.auto import tqdm
+
         results = []
-        for start in range(0, len(inputs), batch_size):
+        starts = range(0, len(inputs), batch_size)
+        for start in tqdm(starts, desc="predict", unit="batch", disable=not progress or len(starts) < 2):
             chunk = inputs[start:start + batch_size]
-            scores, ids = self.probabilities(chunk).max(dim=-1)
-            results += [{"input": str(x), "label": self.label_names[i], "score": round(s, 4)}
-                        for x, i, s in zip(chunk, ids.tolist(), scores.tolist())]
+            for item, row in zip(chunk, self.probabilities(chunk).tolist()):
+                best = max(range(len(row)), key=row.__getitem__)
+                results.append({"input": str(item), "label": self.label_names[best], "score": round(row[best], 4),
+                                "probabilities": {name: round(p, 6) for name, p in zip(self.label_names, row)}})
         return results
 
 

@@ -4,7 +4,7 @@ Layout of `output_dir`:
     config.yaml        the resolved config (what `predict` rebuilds the model from)
     metrics.json       validation and test metrics, parameter counts, train time, throughput, peak memory
     log.jsonl          the training log (plus TensorBoard event files under the tracker folders)
-    README.md          a model card
+    README.md          the model card (peftlab.model_card): results, and how to load it with or without peftlab
     model/             what trained, in the strategy's save format (peftlab.saving): a peft adapter for LoRA, the
                        whole model for full, else the trained tensors
     checkpoints/       resumable checkpoints (latest and best)
@@ -20,13 +20,14 @@ from typing import Any
 import torch
 
 from peftlab import run_folder
+from peftlab.backbones import TorchImageClassifier, portable_name
 from peftlab.config import RecipeConfig, save_config
 from peftlab.errors import PeftlabError
+from peftlab.model_card import model_card
 from peftlab.params import ParameterCount
 from peftlab.phases import PhaseTimer
 from peftlab.run_folder import FolderState
 from peftlab.saving import save_trained
-from peftlab.strategies import SaveFormat, get_strategy
 
 MODEL_SUBDIR = "model"
 METRICS_FILE = "metrics.json"
@@ -114,42 +115,14 @@ def write_run_outputs(output_dir: Path, cfg: RecipeConfig, task: str, model, pre
                       counts: ParameterCount, label_names: list[str]) -> None:
     """Save what trained (with its tokenizer or image settings), the config, metrics.json and a model card."""
     model_dir = Path(output_dir) / MODEL_SUBDIR
-    save_trained(model, model_dir)
+    save_trained(model, model_dir, base_name=portable_name(cfg.model.name), task=task)
+    (model_dir / "README.md").unlink(missing_ok=True)  # peft's empty card template: the run's card replaces it
     if preprocessor is not None and hasattr(preprocessor, "save_pretrained"):
         preprocessor.save_pretrained(model_dir)
     (model_dir / TASK_FILE).write_text(json.dumps({"task": task, "label_names": label_names}) + "\n")
     save_config(cfg, Path(output_dir) / CONFIG_FILE)
     metrics = {**metrics, "parameters": counts.as_record()}
     (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    (Path(output_dir) / "README.md").write_text(model_card(cfg, task, metrics, counts, label_names))
-
-
-def model_card(cfg: RecipeConfig, task: str, metrics: dict[str, Any], counts: ParameterCount, label_names: list[str]) -> str:
-    """A short Markdown model card: base, strategy, data, results and how to load the weights."""
-    test = metrics.get("test", {})
-    options = cfg.strategy_options.get(cfg.strategy, {})
-    loading = (
-        "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, \"model\")\n```"
-        if get_strategy(cfg.strategy).save_format is SaveFormat.PEFT_ADAPTER else
-        "```python\nfrom peftlab.saving import load_trained\nmodel = load_trained(base_model, \"model\")\n```"
-    )
-    return f"""---
-library_name: peftlab
-base_model: {cfg.model.name}
-tags: [peftlab, {cfg.strategy}, {task}-classification]
----
-# {cfg.model.name} fine-tuned with peftlab ({cfg.strategy})
-
-- Base model: `{cfg.model.name}`{f" ({cfg.model.quantization} weights)" if cfg.model.quantization else ""}
-- Strategy: `{cfg.strategy}` {json.dumps(options) if options else ""}, pooling `{cfg.model.pooling}`
-- Data: `{cfg.data.name}`, labels {label_names}
-- Parameters: {counts}
-- Test accuracy: {test.get("accuracy", float("nan")):.4f}, macro-F1: {test.get("macro_f1", float("nan")):.4f}
-- Training: {metrics.get("train_time_s", 0):.0f} s, {metrics.get("samples_per_s", 0):.1f} samples/s
-
-`base_model` is the backbone loaded with a {len(label_names)}-label head (`peftlab.backbones.load_backbone`).
-
-{loading}
-
-Or label new inputs: `peftlab predict <this folder> INPUT ...` (texts, or image files).
-"""
+    plain_torch = any(isinstance(module, TorchImageClassifier) for module in model.modules())
+    (Path(output_dir) / "README.md").write_text(model_card(cfg, task, metrics, counts, label_names, plain_torch,
+                                                            folder=str(output_dir)))

@@ -36,14 +36,29 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.to("cpu").contiguous() for n, t in state.items()}
 
 
-def save_trained(model: nn.Module, output_dir: str | Path) -> Path:
-    """Write what trained, in its strategy's save format (see module docstring), plus the strategy spec."""
+def save_trained(model: nn.Module, output_dir: str | Path, base_name: str | None = None,
+                 task: str | None = None) -> Path:
+    """Write what trained, in its strategy's save format (see module docstring), plus the strategy spec.
+
+    Args:
+        base_name: what a peft adapter names as its base (`base_model_name_or_path`): a Hub id or a path that loads
+            on other machines; default: the path the base was loaded from on this one.
+        task: `text` records peft's `task_type` SEQ_CLS, so peft loads the adapter as a sequence classifier (peft has
+            no task type for image classification).
+    """
     applied = applied_strategy(model)
     save_format = applied.record.save_format
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if save_format is SaveFormat.PEFT_ADAPTER or (save_format is SaveFormat.WHOLE_MODEL
-                                                  and hasattr(model, "save_pretrained")):
+    if save_format is SaveFormat.PEFT_ADAPTER:
+        model.save_pretrained(output_dir)
+        # Written into the saved file only: peft's save looks the base up by this name (on the Hub, for a Hub id).
+        config_path = output_dir / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text())
+        adapter_config["base_model_name_or_path"] = base_name or adapter_config["base_model_name_or_path"]
+        adapter_config["task_type"] = "SEQ_CLS" if task == "text" else adapter_config["task_type"]
+        config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    elif save_format is SaveFormat.WHOLE_MODEL and hasattr(model, "save_pretrained"):
         model.save_pretrained(output_dir)
     else:
         save_file(trainable_state_dict(model), output_dir / TRAINABLE_FILE)

@@ -89,7 +89,16 @@ def _cpu_has_bf16() -> bool:
 
 def build_accelerator(train_cfg, output_dir) -> Accelerator:
     """An Accelerator with the run's precision, accumulation, trackers and epoch-seeded shuffling; sets (and logs)
-    the process's CPU thread count (peftlab.threads)."""
+    the process's CPU thread count (peftlab.threads).
+
+    A process may run several runs one after another (a search's trials, cross-validation folds, tests), each with
+    its own precision and accumulation: accelerate keeps those in process-wide singletons that refuse a second value,
+    so they are reset first. The PartialState (process group, device) is kept: it is the launch's, not the run's.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(train_cfg.mixed_precision),
         gradient_accumulation_steps=train_cfg.grad_accum_steps,

@@ -23,7 +23,7 @@ from peftlab.caching import frozen_feature_cache
 from peftlab.cli import run_cli
 from peftlab.config import RecipeConfig
 from peftlab.data import load_data, make_image_dataloader
-from peftlab.data.transforms import build_image_transform
+from peftlab.data.transforms import build_image_transform, image_processor
 from peftlab.learning_rates import rate_groups
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
 from peftlab.phases import PhaseTimer
@@ -84,11 +84,11 @@ def main(cfg: RecipeConfig) -> dict:
                        eval_loader=loaders["validation"], compute_metrics=compute_metrics,
                        output_dir=output_dir, resume_from=cfg.resume_from)
 
-    # The model now holds the best validation weights: score them once on the test split and save. No preprocessor
-    # is saved: `predict` rebuilds the eval transform from config.yaml and the backbone's image statistics.
+    # The model now holds the best validation weights: score them once on the test split and save, with an image
+    # processor that preprocesses as the evaluation transform does (for loading without peftlab).
     return test_and_save(cfg, "image", accelerator=accelerator, model=model, result=result,
                          test_loader=eval_loaders["test"], label_names=data.label_names, counts=counts,
-                         preprocessor=None, output_dir=output_dir, phases=phases)
+                         preprocessor=image_processor(transform(False)), output_dir=output_dir, phases=phases)
 
 
 def check_image_size(backbone: Backbone, image_size: int) -> None:

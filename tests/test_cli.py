@@ -43,3 +43,33 @@ def test_every_command_module_has_main(command):
     import importlib
 
     assert callable(importlib.import_module(cli.COMMANDS[command][0]).main)
+
+
+NOISE = ("LOAD REPORT", "FutureWarning", "kernels", "Loading weights", "Map:")
+
+
+def run_tiny_recipe(tmp_path, *extra: str) -> str:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_predict import TEXT_FAST
+
+    root = Path(__file__).parents[1]
+    result = subprocess.run([sys.executable, str(root / "recipes" / "text_classification.py"), *TEXT_FAST,
+                             f"output_dir={tmp_path / 'run'}", *extra],
+                            capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout + result.stderr
+
+
+def test_default_console_shows_only_what_matters(tmp_path):
+    output = run_tiny_recipe(tmp_path)
+    assert not [word for word in NOISE if word in output], output
+    assert "lora on minilm: trainable" in output and "test accuracy" in output
+
+
+@pytest.mark.slow
+def test_debug_shows_the_third_party_notices(tmp_path):
+    output = run_tiny_recipe(tmp_path, "--debug")
+    assert "LOAD REPORT" in output and "classifier.weight" in output  # transformers' report of the new head

@@ -64,6 +64,7 @@ def write_inputs(tmp: Path) -> None:
     (tmp / "inputs.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     bad_images.write_truncated_jpeg(tmp / "truncated.jpg")
     bad_images.write_decompression_bomb(tmp / "bomb.png")
+    (tmp / "reviews.csv").write_text("text,stars\ngreat,5\ndull,1\n", encoding="utf-8")
 
 
 # (id, run, how the run folder is damaged (a file in it and what is done to that file) or None, arguments after
@@ -86,6 +87,12 @@ CASES = [
     ("text to an image run", "image", None, ["a cute cat"], "'a cute cat' is not an image file, and run"),
     ("truncated JPEG", "image", None, ["{tmp}/truncated.jpg"], "truncated.jpg' is not a readable image"),
     ("decompression bomb", "image", None, ["{tmp}/bomb.png"], "bomb.png' is too large to decode safely"),
+    ("data file without the input column", "text", None, ["--file", "{tmp}/reviews.csv", "--column", "review"],
+     "reviews.csv has no column 'review' (--column); its columns are text, stars"),
+    ("missing --id-column", "text", None, ["--file", "{tmp}/reviews.csv", "--id-column", "key"],
+     "has no column 'key' (--id-column)"),
+    ("--output is a folder", "text", None, ["great", "--output", "{tmp}"], "is a folder; give a file path"),
+    ("--batch-size 0", "text", None, ["great", "--batch-size", "0"], "--batch-size must be at least 1"),
 ]
 
 
@@ -149,3 +156,34 @@ def test_cli_prints_no_traceback(runs, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: '{tmp_path / 'bomb.png'}' is too large")
+
+
+def test_data_file_to_predictions_csv(runs, tmp_path):
+    import csv
+
+    import peftlab
+
+    texts = [f"review number {i}, {'great' if i % 2 else 'dull'}" for i in range(70)]  # two batches of 64
+    (tmp_path / "reviews.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "text": t}) + "\n"
+                                                    for i, t in enumerate(texts)), encoding="utf-8")
+    output = tmp_path / "out" / "predictions.csv"
+    code, err_lines, stdout = predict_error([str(runs["text"]), "--file", str(tmp_path / "reviews.jsonl"),
+                                             "--id-column", "id", "--output", str(output)])
+    assert code == 0 and not err_lines and stdout == ""
+    rows = list(csv.DictReader(output.open(encoding="utf-8")))
+    run = peftlab.load(runs["text"])
+    probabilities = run.probabilities(texts)
+    assert [row["id"] for row in rows] == [f"r{i}" for i in range(70)]
+    assert list(rows[0]) == ["id", "label", "score", *(f"p_{name}" for name in run.label_names)]
+    for row, expected in zip(rows, probabilities.tolist()):
+        assert row["label"] == run.label_names[max(range(len(expected)), key=expected.__getitem__)]
+        assert [float(row[f"p_{name}"]) for name in run.label_names] == pytest.approx(expected, abs=1e-5)
+
+
+def test_failed_labelling_leaves_no_output_file(runs, tmp_path):
+    (tmp_path / "mixed.csv").write_text("text\na fine film\nposter.png\n", encoding="utf-8")
+    output = tmp_path / "predictions.csv"
+    code, err_lines, _ = predict_error([str(runs["text"]), "--file", str(tmp_path / "mixed.csv"),
+                                        "--output", str(output)])
+    assert code == 2 and "looks like an image file" in err_lines[0]
+    assert list(tmp_path.iterdir()) == [tmp_path / "mixed.csv"]  # no predictions.csv, no temporary file

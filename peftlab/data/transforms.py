@@ -143,3 +143,16 @@ def channel_values(values: float | Sequence[float], name: str) -> tuple[float, f
     if len(values) != 3:
         raise PeftlabError(f"{name} has {len(values)} values; give 3 (one per RGB channel) or 1 for all")
     return tuple(float(value) for value in values)
+
+
+def image_processor(transform: ImageTransform):
+    """A transformers image processor that computes what the evaluation `transform` does (bilinear resize to its size,
+    scale to 0-1, normalise), saved beside a run's weights so vanilla transformers preprocesses images as peftlab
+    does. The PIL backend: its resize is PIL's, the same as ours, so pixel values match exactly."""
+    from transformers import ViTImageProcessorPil
+
+    if transform.augmentations:
+        raise ValueError("only the deterministic evaluation transform has an image-processor equivalent")
+    return ViTImageProcessorPil(do_resize=True, size={"height": transform.image_size, "width": transform.image_size},
+                                resample=Image.Resampling.BILINEAR, do_rescale=True, rescale_factor=1 / 255,
+                                do_normalize=True, image_mean=list(transform.mean), image_std=list(transform.std))
