@@ -26,6 +26,7 @@ MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 TEXTS = ["a gripping, beautifully shot film", "dull", "the plot never comes together, but the cast is superb"]
 TEXT_CASES = {
     "lora_mean": ["strategy=lora", "model.pooling=mean"],  # the default run's shape
+    "lora_cls": ["strategy=lora", "model.pooling=cls"],
     "full_cls": ["strategy=full", "model.pooling=cls"],
     "bitfit_mean": ["strategy=bitfit", "model.pooling=mean"],  # trained tensors onto the vanilla base
 }
@@ -55,6 +56,7 @@ def text_runs(tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+@pytest.mark.slow  # trains four runs (about 40 s on an idle 2-core CPU)
 @pytest.mark.parametrize("case", sorted(TEXT_CASES))
 def test_card_lines_reproduce_peftlab_predictions(text_runs, case):
     run = text_runs[case]
@@ -67,6 +69,7 @@ def test_card_lines_reproduce_peftlab_predictions(text_runs, case):
     torch.testing.assert_close(vanilla, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # trains four runs (about 40 s on an idle 2-core CPU)
 def test_mean_pooled_card_warns_and_its_hook_matters(text_runs):
     card = (text_runs["lora_mean"] / "README.md").read_text()
     assert "Loading the weights alone does not reproduce this model" in card
@@ -80,6 +83,22 @@ def test_mean_pooled_card_warns_and_its_hook_matters(text_runs):
     assert "Loading the weights alone" not in (text_runs["full_cls"] / "README.md").read_text()
 
 
+@pytest.mark.slow  # trains four runs (about 40 s on an idle 2-core CPU)
+def test_merged_lora_loads_with_vanilla_transformers(text_runs, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from peftlab.saving import merge
+
+    run = peftlab.load(text_runs["lora_cls"])
+    merge(run.model).save_pretrained(tmp_path / "merged")
+    vanilla = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    batch = run.preprocess(TEXTS)
+    with torch.no_grad():
+        torch.testing.assert_close(vanilla(**batch).logits, peftlab.load(text_runs["lora_cls"]).logits(TEXTS),
+                                   atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow  # trains four runs (about 40 s on an idle 2-core CPU)
 def test_adapter_names_a_portable_base_and_peft_task_type(text_runs):
     model_dir = text_runs["lora_mean"] / "model"
     adapter_config = json.loads((model_dir / "adapter_config.json").read_text())
@@ -98,6 +117,7 @@ def test_hub_id_of_a_packaged_backbone_loads_the_packaged_copy():
     assert backbone.model.config.hidden_size == 384  # offline here: only the packaged copy can have loaded
 
 
+@pytest.mark.slow  # trains four runs (about 40 s on an idle 2-core CPU)
 def test_image_card_lines_reproduce_peftlab_predictions(tmp_path):
     from tests.test_predict import train_runs
 
