@@ -1,8 +1,8 @@
 """Gather the inputs of concurrent requests into one forward pass (the server's request batching).
 
-A forward pass over 16 texts costs far less than 16 passes over one, so under concurrent load the server waits a few
-milliseconds after the first request for others, labels all their inputs in one call, and hands each request its own
-rows. One request alone waits at most `wait_s` longer. The model runs on one worker thread in both modes: a CPU
+A forward pass over 16 texts can cost less than 16 passes over one, so under concurrent load the requests that queued
+while the model was busy are labelled in one call, and each request gets its own rows back. Optionally a batch also
+waits up to `wait_s` after its first request for more (a request alone then waits that much longer). The model runs on one worker thread in both modes: a CPU
 forward pass already uses every intra-op thread, and two at once only contend for them.
 """
 
@@ -29,10 +29,10 @@ class ModelWorker:
 
 
 class MicroBatcher(ModelWorker):
-    """A ModelWorker that joins the inputs of requests arriving within `wait_s` of each other into one call.
+    """A ModelWorker that joins the inputs of the requests waiting for the model into one call.
 
-    A request is never split: a batch closes when adding the next request would pass `max_batch` inputs, or when
-    `wait_s` has passed since its first request. If the joined call raises (one request's input the model rejects),
+    A batch takes every request queued when it starts, then waits up to `wait_s` after its first for more. A request
+    is never split: a batch closes when adding the next request would pass `max_batch` inputs. If the joined call raises (one request's input the model rejects),
     each request of that batch is run alone, so only the request at fault gets the error.
     """
 
@@ -57,9 +57,15 @@ class MicroBatcher(ModelWorker):
             waiting, size = None, len(batch[0][0])
             deadline = loop.time() + self.wait_s
             while size < self.max_batch:
-                try:
-                    request = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
-                except asyncio.TimeoutError:
+                # What queued while the model ran joins at once; then wait up to the deadline for more.
+                if not self.queue.empty():
+                    request = self.queue.get_nowait()
+                elif loop.time() < deadline:
+                    try:
+                        request = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
+                    except asyncio.TimeoutError:
+                        break
+                else:
                     break
                 if size + len(request[0]) > self.max_batch:
                     waiting = request

@@ -60,8 +60,10 @@ class ServeLimits:
     """Longest text in characters (the model reads only its first data.max_length tokens)."""
     max_connections: int = 32
     """Most connections served at once; more are answered 503 (bounds the memory of bodies being read)."""
-    batch_wait_ms: float = 5.0
-    """How long the first of concurrent requests waits for others to share its forward pass (0: no batching)."""
+    batching: bool = True
+    """Label the inputs of all requests waiting for the model in one forward pass (--no-batching: one per request)."""
+    batch_wait_ms: float = 0.0
+    """With batching, how long a batch waits after its first request for more to join (0: only those waiting)."""
     max_batch: int = 64
     """Most inputs in one forward pass when requests are batched together."""
 
@@ -299,7 +301,7 @@ def build_app(model, folder: str | Path, limits: ServeLimits | None = None, toke
         return model.probabilities(inputs).tolist()  # a torch tensor or a numpy array: both have tolist()
 
     worker = (MicroBatcher(forward, max_batch=limits.max_batch, wait_s=limits.batch_wait_ms / 1000)
-              if limits.batch_wait_ms > 0 else ModelWorker(forward))
+              if limits.batching else ModelWorker(forward))
 
     async def check_token(request: Request) -> None:
         if token is None:
@@ -394,12 +396,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeLimits]
                         help="print one line per request")
     docs = field_docs(ServeLimits)
     for field in dataclasses.fields(ServeLimits):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=field.type,
-                            default=field.default, help=docs.get(field.name))
+        kind = {"action": argparse.BooleanOptionalAction} if field.type is bool else {"type": field.type}
+        parser.add_argument("--" + field.name.replace("_", "-"), default=field.default, help=docs.get(field.name),
+                            **kind)
     args = parser.parse_args(argv)
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
     for name, value in dataclasses.asdict(limits).items():
-        if value < 0 or (value == 0 and name != "batch_wait_ms"):
+        if not isinstance(value, bool) and (value < 0 or (value == 0 and name != "batch_wait_ms")):
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be positive, got {args.threads}")
@@ -476,7 +479,8 @@ def main(argv: list[str] | None = None) -> None:
     if not is_loopback(args.host) and token is None:
         print(f"warning: serving on {args.host} without a token: anyone who can reach port {args.port} can use the "
               f"model; set {TOKEN_ENV} (or --token)", file=sys.stderr)
-    batching = f"batching within {limits.batch_wait_ms:g} ms" if limits.batch_wait_ms > 0 else "no batching"
+    batching = (f"batching (waiting {limits.batch_wait_ms:g} ms)" if limits.batching and limits.batch_wait_ms else
+                "batching" if limits.batching else "no batching")
     print(f"serving {args.run} ({model.task}: {', '.join(model.label_names)}; {batching}; {threads.threads} cpu "
           f"threads ({'--threads' if args.threads else threads.reason})"
           f"{'; token required' if token else ''}) on http://{args.host}:{args.port}", flush=True)

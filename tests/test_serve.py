@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -315,10 +316,11 @@ def test_page_in_a_headless_browser(runs, text_server, image_server, tmp_path):
 
 # The micro-batcher on its own: a fake model that records each call's inputs.
 
-def run_concurrently(worker, requests: list[list], delay_s: float = 0.0):
+def run_concurrently(worker, requests: list[list], delays_s: list[float] | None = None):
+    """Send `requests` to `worker` at once (or each after its delay); each one's rows, or the error it got."""
     async def main():
         async def one(inputs, i):
-            await asyncio.sleep(delay_s * i)
+            await asyncio.sleep(delays_s[i] if delays_s else 0)
             try:
                 return await worker(inputs)
             except ValueError as err:
@@ -330,9 +332,10 @@ def run_concurrently(worker, requests: list[list], delay_s: float = 0.0):
     return asyncio.run(main())
 
 
-def recording_model(calls: list):
+def recording_model(calls: list, seconds: float = 0.0):
     def forward(inputs):
         calls.append(list(inputs))
+        time.sleep(seconds)
         if "bad" in inputs:
             raise ValueError("bad input")
         return [[x * 10] for x in inputs if x != "bad"]
@@ -344,6 +347,14 @@ def test_micro_batcher_joins_concurrent_requests_and_splits_answers():
     results = run_concurrently(MicroBatcher(recording_model(calls), max_batch=64, wait_s=0.05), [[1], [2, 3], [4]])
     assert results == [[[10]], [[20], [30]], [[40]]]
     assert calls == [[1, 2, 3, 4]]  # one forward pass for the three requests
+
+
+def test_micro_batcher_without_a_wait_joins_what_queued_while_the_model_ran():
+    calls = []
+    results = run_concurrently(MicroBatcher(recording_model(calls, seconds=0.3), max_batch=64, wait_s=0),
+                               [[1], [2], [3], [4]], delays_s=[0, 0.1, 0.1, 0.1])
+    assert results == [[[10]], [[20]], [[30]], [[40]]]
+    assert calls == [[1], [2, 3, 4]]
 
 
 def test_micro_batcher_never_splits_a_request_nor_passes_max_batch():
