@@ -162,12 +162,12 @@ def report() -> str:
     first = records[0]
     lines += ["", f"{first['requests']} requests of one text per cell; medians over rounds. "
               f"{first['environment']['device']}; torch {first['environment']['versions']['torch']}, "
-              f"server {first['server_threads']} cpu threads; git {str(first['git']['sha'])[:7]}. "
+              f"server cpu threads: {first['server_threads']}; git {str(first['git']['sha'])[:7]}. "
               f"Command: `{first['command']}`"]
     if (RESULTS / "forward.json").is_file():
         forward = json.loads((RESULTS / "forward.json").read_text())
         costs = ", ".join(f"{ms:g} ms at batch {size}" for size, ms in forward["ms_per_text"].items())
-        lines += ["", f"One forward pass in-process ({forward['threads']} threads, no HTTP), per text: {costs} "
+        lines += ["", f"One forward pass in-process (cpu threads: {forward['threads']}; no HTTP), per text: {costs} "
                   f"(load average {forward['load_average_1m']:g}). Command: `{forward['command']}`"]
     return "\n".join(lines)
 
