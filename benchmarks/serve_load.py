@@ -87,7 +87,7 @@ def forward_cost(run: str, texts: list[str], threads: int | None, batch_sizes=(1
     from peftlab.threads import set_cpu_threads
 
     set_cpu_threads(threads)
-    model = load_model(run)
+    model = load_model(run).model
     model.probabilities(texts[:8])  # warm-up
     per_text = {}
     for size in batch_sizes:

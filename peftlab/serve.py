@@ -11,9 +11,9 @@ Endpoints:
     GET  /health    {"status": "ok"}; the only endpoint that never needs the token
     GET  /          a page to try the model in a browser (self-contained: works offline; holds no model data)
 
-RUN is a run's output folder or an ONNX export of one (`load_model`). Client errors are JSON {"error": "<one line>"}:
-400 malformed or wrong input, 401 missing or wrong token, 413 over a limit (body, items, image bytes or pixels, text
-length), 415 neither JSON nor multipart; none stops the server.
+RUN is a run's output folder or an ONNX export of one (`peftlab export`; `load_model` tells them apart). Client
+errors are JSON {"error": "<one line>"}: 400 malformed or wrong input, 401 missing or wrong token, 413 over a limit
+(body, items, image bytes or pixels, text length), 415 neither JSON nor multipart; none stops the server.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request) as objects.
@@ -35,7 +35,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from peftlab.config import field_docs
+from peftlab.cli import field_docs
 from peftlab.errors import PeftlabError
 
 TOKEN_ENV = "PEFTLAB_SERVE_TOKEN"
@@ -76,28 +76,45 @@ class ClientError(Exception):
         self.status, self.message, self.headers = status, message, headers
 
 
-def load_model(folder: str | Path):
-    """The model in `folder`, ready to label: a run's output folder (PyTorch) or an ONNX export of one.
+# An ONNX export folder's description file (peftlab.exported.EXPORT_FILE, on the export branch).
+EXPORT_FILE = "export.json"
 
-    Both answer .task, .label_names, .cfg, .probabilities(inputs) and .predict(inputs), so the server (and anything
-    else) need not know which it got. This is the one place that tells the two apart.
+
+@dataclass
+class ServedModel:
+    """What the server serves: a loaded model and its description for GET /metadata."""
+
+    model: Any
+    """.task ("text" | "image"), .label_names and .probabilities(inputs) -> (N, C): peftlab.load's LoadedRun or
+    peftlab.exported's OnnxRun."""
+    metadata: dict[str, Any]
+    """task, label_names, base_model, strategy, strategy_options, format ("pytorch" | "onnx"), test_metrics."""
+
+
+def load_model(folder: str | Path, threads: int | None = None) -> ServedModel:
+    """The model in `folder`, ready to label: a run's output folder (PyTorch, `peftlab.load`) or an ONNX export of one
+    (`peftlab export`, loaded with onnxruntime). The one place that tells the two apart.
+
+    Args:
+        threads: onnxruntime's intra-op threads for an export (None: its default); torch's are the caller's to set.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise PeftlabError(f"{folder} is not a folder; pass a run's output_dir or an ONNX export folder")
-    if any(folder.glob("*.onnx")):
-        from peftlab.export import load_export  # the ONNX loader of `peftlab export`
+    if (folder / EXPORT_FILE).is_file():
+        from peftlab.exported import load_onnx
 
-        return load_export(folder)
-    from peftlab.predict import Predictor
-
-    return Predictor(folder)
-
-
-def model_metadata(model, folder: Path) -> dict[str, Any]:
-    """What GET /metadata answers: task, labels, base model, strategy and the run's test metrics."""
+        model = load_onnx(folder, threads=threads)
+        run = model.metadata.get("run", {})  # export.json's record of the run it came from
+        return ServedModel(model, {
+            "task": model.task, "label_names": list(model.label_names), "base_model": run.get("base"),
+            "strategy": run.get("strategy"), "strategy_options": run.get("strategy_options"), "format": "onnx",
+            "test_metrics": run.get("test_metrics")})
+    from peftlab.backbones import portable_name
+    from peftlab.loading import load
     from peftlab.runs import METRICS_FILE
 
+    model = load(folder)
     cfg, test_metrics = model.cfg, None
     metrics_path = folder / METRICS_FILE
     if metrics_path.is_file():
@@ -105,9 +122,10 @@ def model_metadata(model, folder: Path) -> dict[str, Any]:
             test_metrics = json.loads(metrics_path.read_text(encoding="utf-8")).get("test")
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             print(f"warning: {metrics_path} is damaged; /metadata shows no test metrics", file=sys.stderr)
-    return {"task": model.task, "label_names": list(model.label_names), "base_model": cfg.model.name,
-            "strategy": cfg.strategy, "strategy_options": cfg.strategy_options.get(cfg.strategy, {}),
-            "format": "onnx" if any(folder.glob("*.onnx")) else "pytorch", "test_metrics": test_metrics}
+    return ServedModel(model, {
+        "task": model.task, "label_names": list(model.label_names), "base_model": portable_name(cfg.model.name),
+        "strategy": cfg.strategy, "strategy_options": cfg.strategy_options.get(cfg.strategy, {}),
+        "format": "pytorch", "test_metrics": test_metrics})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -285,8 +303,8 @@ class BodyLimit:
         return await self.app(scope, limited_receive, send)
 
 
-def build_app(model, folder: str | Path, limits: ServeLimits | None = None, token: str | None = None):
-    """The FastAPI application serving `model` (from load_model(folder)); `token` guards all but /health."""
+def build_app(served: ServedModel, limits: ServeLimits | None = None, token: str | None = None):
+    """The FastAPI application serving `served` (from load_model); `token` guards all but /health."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.exceptions import HTTPException
@@ -294,7 +312,8 @@ def build_app(model, folder: str | Path, limits: ServeLimits | None = None, toke
     from peftlab.microbatch import MicroBatcher, ModelWorker
 
     limits = limits or ServeLimits()
-    metadata = {**model_metadata(model, Path(folder)), "limits": dataclasses.asdict(limits)}
+    model = served.model
+    metadata = {**served.metadata, "limits": dataclasses.asdict(limits)}
     labels = list(model.label_names)
 
     def forward(inputs: list) -> list[list[float]]:
@@ -387,11 +406,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeLimits]
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 serves every network")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--token", default=None,
-                        help=f"bearer token every endpoint but /health requires (default: ${TOKEN_ENV}, if set; "
-                             f"the variable keeps it out of the process list)")
+                        help=f"bearer token every endpoint but /health requires; when not given, ${TOKEN_ENV} "
+                             f"is read (which keeps the token out of the process list)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op CPU threads of the model (default: OMP_NUM_THREADS, else every physical core; "
-                             "on a machine shared with busy jobs 1 can be much faster)")
+                        help="intra-op CPU threads of the model; None: OMP_NUM_THREADS, else every physical core "
+                             "(on a machine shared with busy jobs, 1 can be much faster)")
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                         help="print one line per request")
     docs = field_docs(ServeLimits)
@@ -469,8 +488,8 @@ def main(argv: list[str] | None = None) -> None:
 
     threads = set_cpu_threads(args.threads)
     try:
-        model = load_model(args.run)
-        app = build_app(model, args.run, limits, token)
+        served = load_model(args.run, args.threads)
+        app = build_app(served, limits, token)
     except PeftlabError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
@@ -481,7 +500,8 @@ def main(argv: list[str] | None = None) -> None:
               f"model; set {TOKEN_ENV} (or --token)", file=sys.stderr)
     batching = (f"batching (waiting {limits.batch_wait_ms:g} ms)" if limits.batching and limits.batch_wait_ms else
                 "batching" if limits.batching else "no batching")
-    print(f"serving {args.run} ({model.task}: {', '.join(model.label_names)}; {batching}; {threads.threads} cpu "
+    print(f"serving {args.run} ({served.model.task}: {', '.join(served.model.label_names)}; {batching}; "
+          f"{served.metadata['format']}; {threads.threads} cpu "
           f"threads ({'--threads' if args.threads else threads.reason})"
           f"{'; token required' if token else ''}) on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, access_log=args.access_log,

@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 from peftlab.microbatch import MicroBatcher, ModelWorker
-from peftlab.predict import Predictor
+from peftlab.backbones import portable_name
+from peftlab.loading import load
 from peftlab.serve import TOKEN_ENV, server_process
 from tests import bad_images
 from tests.test_predict import train_runs
@@ -66,7 +67,7 @@ def b64(data: bytes) -> str:
 
 
 def assert_matches(predictions: list[dict], probabilities, label_names: list[str]) -> None:
-    """The server's predictions equal the Predictor's probabilities (to float32 rounding) and argmax labels."""
+    """The server's predictions equal peftlab.load's probabilities (to float32 rounding) and argmax labels."""
     assert len(predictions) == len(probabilities)
     for prediction, row in zip(predictions, probabilities.tolist()):
         assert list(prediction["probabilities"]) == label_names
@@ -75,8 +76,8 @@ def assert_matches(predictions: list[dict], probabilities, label_names: list[str
 
 
 @slow
-def test_text_predictions_equal_the_predictors(runs, text_server):
-    predictor = Predictor(runs["text"])
+def test_text_predictions_equal_peftlab_loads(runs, text_server):
+    predictor = load(runs["text"])
     response = httpx.post(text_server.url + "/predict", json={"inputs": TEXTS}, timeout=60)
     assert response.status_code == 200, response.text
     assert_matches(response.json()["predictions"], predictor.probabilities(TEXTS), predictor.label_names)
@@ -91,8 +92,8 @@ def test_text_predictions_equal_the_predictors(runs, text_server):
 
 
 @slow
-def test_image_predictions_equal_the_predictors(runs, image_server, tmp_path):
-    predictor = Predictor(runs["image"])
+def test_image_predictions_equal_peftlab_loads(runs, image_server, tmp_path):
+    predictor = load(runs["image"])
     red, wide = png_bytes(), png_bytes((40, 16), (10, 200, 90))
     bad_images.write_16bit_png(tmp_path / "gray16.png")
     gray16 = (tmp_path / "gray16.png").read_bytes()
@@ -111,8 +112,10 @@ def test_image_predictions_equal_the_predictors(runs, image_server, tmp_path):
 def test_metadata(runs, text_server):
     metadata = httpx.get(text_server.url + "/metadata").json()
     metrics = json.loads((runs["text"] / "metrics.json").read_text())
-    assert metadata["task"] == "text" and metadata["strategy"] == "lora" and metadata["base_model"] == "minilm"
-    assert metadata["label_names"] == Predictor(runs["text"]).label_names
+    run = load(runs["text"])
+    assert metadata["task"] == "text" and metadata["strategy"] == "lora" == run.cfg.strategy
+    assert metadata["base_model"] == portable_name(run.cfg.model.name) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert metadata["label_names"] == run.label_names
     assert metadata["test_metrics"] == metrics["test"] and metadata["format"] == "pytorch"
     assert metadata["limits"]["max_items"] == 8
 
@@ -284,7 +287,7 @@ def test_page_in_a_headless_browser(runs, text_server, image_server, tmp_path):
     browser = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
     try:
         wait = WebDriverWait(browser, 60)
-        text_predictor = Predictor(runs["text"])
+        text_predictor = load(runs["text"])
         browser.get(text_server.url + "/")
         texts = wait.until(seen.visibility_of_element_located((By.ID, "texts")))
         texts.send_keys("\n".join(TEXTS[:3]))
@@ -296,7 +299,7 @@ def test_page_in_a_headless_browser(runs, text_server, image_server, tmp_path):
         assert sorted(bar.get_attribute("data-label") for bar in bars) == sorted(text_predictor.label_names)
 
         # The token-guarded image server: the page shows the token field; the upload goes as multipart.
-        image_predictor = Predictor(runs["image"])
+        image_predictor = load(runs["image"])
         (tmp_path / "green.png").write_bytes(png_bytes((24, 24), (20, 220, 40)))
         browser.get(image_server.url + "/")
         token = wait.until(seen.visibility_of_element_located((By.ID, "token")))
