@@ -120,6 +120,22 @@ def test_metadata(runs, text_server):
     assert metadata["limits"]["max_items"] == 8
 
 
+@slow
+def test_an_onnx_export_is_served_with_the_same_predictions(runs, tmp_path):
+    pytest.importorskip("peftlab.exported", reason="the ONNX export (peftlab export) is not in this checkout")
+    from peftlab.export import export_run
+
+    export_run(runs["text"], tmp_path / "onnx", log=lambda *args: None)
+    with server_process(tmp_path / "onnx", "--no-access-log") as server:
+        metadata = httpx.get(server.url + "/metadata").json()
+        response = httpx.post(server.url + "/predict", json={"inputs": TEXTS}, timeout=60)
+    run = load(runs["text"])
+    assert metadata["format"] == "onnx" and metadata["strategy"] == run.cfg.strategy
+    assert metadata["base_model"] == portable_name(run.cfg.model.name)
+    assert response.status_code == 200, response.text
+    assert_matches(response.json()["predictions"], run.probabilities(TEXTS), run.label_names)
+
+
 # (id, server, request keyword arguments for httpx, status, a fragment of the error). {big} is a 600x600 PNG.
 BAD_REQUESTS = [
     ("not JSON", "text", {"content": b"{inputs", "headers": {"content-type": "application/json"}}, 400,
