@@ -413,6 +413,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeLimits]
                              "(on a machine shared with busy jobs, 1 can be much faster)")
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                         help="print one line per request")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and third-party notices")
     docs = field_docs(ServeLimits)
     for field in dataclasses.fields(ServeLimits):
         kind = {"action": argparse.BooleanOptionalAction} if field.type is bool else {"type": field.type}
@@ -482,15 +483,20 @@ def server_process(run: str | Path, *args: str, env: dict[str, str] | None = Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, limits = parse_args(argv)
-    token = args.token or os.environ.get(TOKEN_ENV) or None
+    from peftlab.console import quiet_third_party
     from peftlab.threads import set_cpu_threads
+
+    args, limits = parse_args(argv)
+    quiet_third_party(args.debug)  # also when started as `python -m peftlab.serve`, not through the peftlab command
+    token = args.token or os.environ.get(TOKEN_ENV) or None
 
     threads = set_cpu_threads(args.threads)
     try:
         served = load_model(args.run, args.threads)
         app = build_app(served, limits, token)
     except PeftlabError as err:
+        if args.debug:
+            raise
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
     import uvicorn
