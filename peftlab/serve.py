@@ -172,6 +172,8 @@ async def read_inputs(request, task: str, limits: ServeLimits) -> list:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ClientError(400, f"the body is not valid JSON ({err}); send {JSON_SHAPES[task]}") from err
+    except RecursionError as err:  # e.g. 100,000 nested lists: deeper than Python's parser goes
+        raise ClientError(400, f"the body's JSON nests too deeply; send {JSON_SHAPES[task]}") from err
     if not isinstance(payload, dict):
         raise ClientError(400, f"the body must be a JSON object, not {json_type(payload)}; send {JSON_SHAPES[task]}")
     if unknown := sorted(set(payload) - {"inputs", "images"}):
@@ -196,6 +198,11 @@ async def read_inputs(request, task: str, limits: ServeLimits) -> list:
                                        f"--max-text-chars")
             if not text.strip():
                 raise ClientError(400, f"inputs[{i}] is empty; send the text to label")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:  # JSON's "\ud800" escape: no character, and the tokenizer refuses it
+                raise ClientError(400, f"inputs[{i}] holds an unpaired surrogate ({err.reason} at {err.start}); "
+                                       f"send valid Unicode text") from err
         return items
     named = [(f"images[{i}]", check_image_bytes(decode_base64(item, i, limits), None, limits))
              for i, item in enumerate(items)]
@@ -350,6 +357,11 @@ def build_app(served: ServedModel, limits: ServeLimits | None = None, token: str
     @app.exception_handler(PeftlabError)
     async def model_refused(request, err: PeftlabError):  # the model's own input checks (e.g. an image path as text)
         return JSONResponse({"error": " ".join(str(err).split())}, 400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, err: Exception):  # a bug, not the client's input: JSON too; uvicorn logs it
+        return JSONResponse({"error": f"internal error ({type(err).__name__}); the server's log has the traceback"},
+                            500)
 
     @app.get("/health")
     async def health():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import strategies as st
 from PIL import Image
 
 from peftlab.microbatch import MicroBatcher, ModelWorker
@@ -136,10 +137,14 @@ def test_an_onnx_export_is_served_with_the_same_predictions(runs, tmp_path):
     assert_matches(response.json()["predictions"], run.probabilities(TEXTS), run.label_names)
 
 
+JSON_TYPE = {"content-type": "application/json"}
 # (id, server, request keyword arguments for httpx, status, a fragment of the error). {big} is a 600x600 PNG.
 BAD_REQUESTS = [
-    ("not JSON", "text", {"content": b"{inputs", "headers": {"content-type": "application/json"}}, 400,
+    ("not JSON", "text", {"content": b"{inputs", "headers": JSON_TYPE}, 400,
      "the body is not valid JSON"),
+    ("JSON nested 100,000 deep", "text", {"content": b"[" * 100_000, "headers": JSON_TYPE}, 400, "nests too deeply"),
+    ("unpaired surrogate", "text", {"content": b'{"inputs": ["\\ud800"]}', "headers": JSON_TYPE}, 400,
+     "inputs[0] holds an unpaired surrogate"),
     ("JSON list body", "text", {"json": ["a"]}, 400, "the body must be a JSON object, not a list"),
     ("inputs not a list", "text", {"json": {"inputs": "a film"}}, 400, "'inputs' must be a list, not a string"),
     ("empty list", "text", {"json": {"inputs": []}}, 400, "'inputs' is empty"),
@@ -198,6 +203,40 @@ def test_bad_requests_get_one_json_error_and_the_server_goes_on(runs, text_serve
         assert servers[kind].process.poll() is None
         assert httpx.post(servers[kind].url + "/predict", json=inputs, headers=AUTH, timeout=60).status_code == 200
         assert "Traceback" not in servers[kind].output()
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                       max_size=4), max_leaves=20)
+BODIES = st.one_of(
+    st.builds(lambda value: json.dumps(value).encode(), JSON_VALUES),
+    st.builds(lambda key, value: json.dumps({key: value}).encode(), st.sampled_from(["inputs", "images"]), JSON_VALUES),
+    # Any code point, unpaired surrogates included (json.dumps writes them as \\udXXX escapes).
+    st.builds(lambda texts: json.dumps({"inputs": texts}).encode(),
+              st.lists(st.text(st.characters(exclude_categories=()), max_size=30), max_size=10)),
+    st.binary(max_size=200),
+)
+
+
+@slow
+def test_no_body_makes_the_server_fail(text_server, image_server):
+    """Generated JSON of every shape, and random bytes, under several content types: a 2xx or a 4xx JSON error."""
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(body=BODIES, content_type=st.sampled_from(["application/json", "", "text/plain",
+                                                      "multipart/form-data; boundary=x"]),
+           kind=st.sampled_from(["text", "image"]))
+    def check(body, content_type, kind):
+        server = {"text": text_server, "image": image_server}[kind]
+        response = httpx.post(server.url + "/predict", content=body, timeout=60,
+                              headers={**AUTH, **({"content-type": content_type} if content_type else {})})
+        assert response.status_code < 500, (body, content_type, response.text)
+        if response.status_code >= 400:
+            assert set(response.json()) == {"error"}
+
+    check()
+    assert "Traceback" not in text_server.output() + image_server.output()
 
 
 def raw_request(url: str, data: bytes) -> bytes:
