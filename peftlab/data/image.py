@@ -14,7 +14,7 @@ import io
 import pickle
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import datasets
 import numpy as np
@@ -145,30 +145,46 @@ def image_row(file: Path) -> str | dict:
         return {"path": None, "bytes": buffer.getvalue()}
 
 
-def open_image_file(file: str | Path) -> Image.Image:
+def open_image_file(file: str | Path | BinaryIO, *, name: str | None = None,
+                    max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode an image file; a one-line error naming it when it cannot be used.
 
     Decoding every pixel, not just the header as verify() does, catches truncated JPEGs and PNGs with broken pixel
     data before anything is written rather than mid-training. An image over PIL's decompression-bomb limit
     (Image.MAX_IMAGE_PIXELS, 89,478,485 pixels by default) is refused before its pixels are decoded; raise that
     limit to accept bigger images.
+
+    Args:
+        file: a path, or an open binary file (e.g. io.BytesIO of uploaded bytes).
+        name: how errors name the image (default: the path).
+        max_pixels: also refuse images of more pixels than this, read from the header before decoding (a server's
+            cap, tighter than PIL's).
     """
+    name = str(file) if name is None else name
     try:
         with warnings.catch_warnings():
             # PIL only warns between 1x and 2x its limit (and raises above): refuse both.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(file)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise PeftlabError(f"{str(file)!r} is too large to decode safely ({err}); shrink it, or raise "
+        raise ImageTooLarge(f"{name!r} is too large to decode safely ({err}); shrink it, or raise "
                            f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from err
     except UNREADABLE_IMAGE_ERRORS as err:
-        raise unreadable_image(file, err) from err
+        raise unreadable_image(name, err) from err
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        image.close()
+        raise ImageTooLarge(f"{name!r} is {image.width} x {image.height} pixels, more than the {max_pixels:,} "
+                            f"allowed; send a smaller image")
     try:
         image.load()
     except UNREADABLE_IMAGE_ERRORS as err:
         image.close()
-        raise unreadable_image(file, err) from err
+        raise unreadable_image(name, err) from err
     return image
+
+
+class ImageTooLarge(PeftlabError):
+    """An image over PIL's decompression-bomb limit or the caller's `max_pixels` (a server answers 413, not 400)."""
 
 
 # What PIL raises for a file it cannot decode: unknown format, truncated data, bad checksums, broken streams.
