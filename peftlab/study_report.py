@@ -30,7 +30,7 @@ def write_summary(study: optuna.Study, search) -> int:
     shown = [t for t in study.get_trials(deepcopy=False)
              if t.state != TrialState.WAITING and not t.user_attrs.get(trials.SURPLUS_ATTR)]
     front = {t.number for t in study.best_trials} if search.multi_objective else set()
-    rows = [trial_row(t, shown, front) for t in shown]
+    rows = [trial_row(t, shown, front, search.space.strategies[0]) for t in shown]
     _write_table(rows, folder / TABLE, folder / TABLE_CSV, search)
     complete = [t for t in shown if t.state == TrialState.COMPLETE]
     states = {state: sum(t.state == state for t in shown) for state in TrialState}
@@ -52,8 +52,9 @@ def write_summary(study: optuna.Study, search) -> int:
     return 0
 
 
-def trial_row(trial: FrozenTrial, all_trials: list[FrozenTrial], front: set[int]) -> dict:
-    """One row of the trials table."""
+def trial_row(trial: FrozenTrial, all_trials: list[FrozenTrial], front: set[int], only_strategy: str) -> dict:
+    """One row of the trials table (`only_strategy`: the strategy of a space that searches one, so no parameter
+    names it)."""
     retry_of = trial.system_attrs.get("failed_trial")
     retried_as = [t.number for t in all_trials if (t.system_attrs.get("retry_history") or [None])[-1] == trial.number]
     notes = [f"retry of #{retry_of}"] if retry_of is not None else []
@@ -72,7 +73,7 @@ def trial_row(trial: FrozenTrial, all_trials: list[FrozenTrial], front: set[int]
     return {
         "trial": trial.number, "state": trial.state.name, "value": f"{values[0]:.4f}" if values else "",
         "trainable_parameters": trial.user_attrs.get("trainable_parameters", ""),
-        "strategy": trial.params.get("strategy", ""),
+        "strategy": trial.params.get("strategy", only_strategy),
         "params": ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()),
         "train_time_s": trial.user_attrs.get("train_time_s", ""),
         "started": trial.datetime_start.isoformat(timespec="seconds") if trial.datetime_start else "",
@@ -88,8 +89,10 @@ def _write_table(rows: list[dict], markdown: Path, table_csv: Path, search) -> N
     lines = [f"Trials of `{search.command}` ({header}).", "", "| " + " | ".join(COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(row[c]).replace("|", "/") for c in COLUMNS) + " |" for row in rows]
-    _replace(markdown, "\n".join(lines) + "\n")
-    tmp = table_csv.with_suffix(".csv.tmp")
+    tmp = _temporary(markdown)
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, markdown)
+    tmp = _temporary(table_csv)
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
@@ -106,7 +109,7 @@ def write_best_config(best: FrozenTrial, search, path: Path) -> str:
     launch = f"accelerate launch {search.program.script} --config {shown_path(path)}"
     header = (f"# Best configuration of the study {name}: trial {best.number}, validation {search.metric} "
               f"{best.values[0]:.4f}\n# Train it: {launch}\n# Found by: {search.command}\n")
-    tmp = path.with_suffix(".yaml.tmp")
+    tmp = _temporary(path)
     save_config(cfg, tmp, header=header)
     os.replace(tmp, path)
     return launch
@@ -125,12 +128,13 @@ def plot_history(study: optuna.Study, search, path: Path) -> None:
         ax = plot_pareto_front(study, target_names=[target, "trainable parameters"])
     else:
         ax = plot_optimization_history(study, target_name=target)
-    ax.figure.savefig(path.with_suffix(".tmp.png"), dpi=120, bbox_inches="tight")
+    tmp = _temporary(path)
+    ax.figure.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     plt.close(ax.figure)
-    os.replace(path.with_suffix(".tmp.png"), path)
-
-
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _temporary(path: Path) -> Path:
+    """Where this process writes `path` before renaming it into place: workers that stop together each write their
+    own file, and the last rename wins whole."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -15,13 +15,13 @@ pid and start time); a RUNNING trial that no worker recorded 5 minutes after its
 trials whose heartbeat is 180 s old, so a dead machine's trials are failed by any other machine. A journal has no
 heartbeats: a trial of a worker that died on another machine is failed when a worker starts on that machine again.
 
-Counting: the cap (`--trials N`) counts trials RUNNING, COMPLETE, PRUNED or FAILED by their configuration. A stale
-trial (and one stopped by Ctrl-C or SIGTERM) is failed and retried once more with the same parameters as a new
-trial (Optuna's `RetryHeartbeatStaleTrialCallback`, at most MAX_RETRIES times: a configuration that kills its
-worker every time ends as a counted failure); a retried trial does not count, its retry does. The cap holds however
-the workers race: a worker runs a trial only if fewer than N counted trials have smaller numbers (trial numbers are
-given out atomically by the storage); otherwise the trial is failed at once as `surplus`, never counted, and the
-worker stops. So exactly N trials run, whatever the number of workers.
+Counting: the cap (`--trials N`) counts trials RUNNING, COMPLETE, PRUNED or FAILED by their configuration (a
+PeftlabError in the run, e.g. a loss that became nan). A stale trial, and one stopped by Ctrl-C or SIGTERM, is
+failed and its parameters are queued as a new trial (Optuna's `RetryHeartbeatStaleTrialCallback`), at most
+MAX_RETRIES times, so a configuration that kills its worker every time ends as one counted failure; a retried trial
+does not count, its retry does. The cap holds however the workers race: a worker runs a trial only if fewer than N
+counted trials have smaller numbers (the storage gives trial numbers out atomically); otherwise the trial is failed
+at once as `surplus`, never counted, and the worker stops. So exactly N trials run, whatever the number of workers.
 """
 
 from __future__ import annotations

@@ -25,8 +25,12 @@ trials at the same step, once 2 trials completed: it works from the third of a f
 Hyperband (from one epoch, reduction factor 3), which needs more trials to fill its brackets. A stopped trial ends
 like an early-stopped run (it tests and saves) and is recorded PRUNED. Multi-objective studies do not prune.
 
-Workers, storage, stale trials and the trial cap: see peftlab.trials. Threads: each of W workers on a machine
-(--local-workers W) trains with cores / W threads, unless the config sets train.cpu_threads.
+Workers: a study lives in a journal file (DIR/study.journal: the workers of one machine, or of a shared file
+system) or a database (--storage: many machines). --trials caps the whole study, however many workers join. A
+worker killed mid-trial leaves its trial running: the next worker started on that machine fails it (its process is
+gone) and runs its parameters again, uncounted; on a database, Optuna's heartbeats (every 60 s, stale after 180 s)
+do the same from any machine (details: peftlab.trials). Each of W workers on a machine (--local-workers W) trains
+with cores / W threads, unless the config sets train.cpu_threads.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import optuna
 from optuna.trial import TrialState
 
 from peftlab import run_folder, trials
+from peftlab.cli import sigterm_raises_keyboard_interrupt
 from peftlab.config import RecipeConfig, load_config
 from peftlab.errors import PeftlabError, RunInterrupted
 from peftlab.harness.grid import cell_id
@@ -56,6 +61,7 @@ from peftlab.harness.programs import Program, load_recipe_module, recipe_program
 from peftlab.harness.provenance import source_fingerprint
 from peftlab.harness.runner import RECORD_VERSION, run_outcome, shown_path, write_record
 from peftlab.search_space import SearchSpace, load_search_space
+from peftlab.study_report import write_summary
 from peftlab.threads import share_of_cores
 from peftlab.training import Evaluation, evaluation_listener, forget_accelerator_state
 
@@ -94,7 +100,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "(default: 1)")
     parser.add_argument("--seed", type=int, help="sampler seed: a one-worker study samples the same trials again")
     parser.add_argument("--cv", type=int, metavar="K",
-                        help="objective: mean over K folds of peftlab cv instead of the validation split")
+                        help="objective: the mean over K folds of peftlab cv (not available yet)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser.parse_intermixed_args(argv)
 
@@ -124,8 +130,9 @@ class Search:
         """Run one trial of the recipe; its validation metric (and trainable parameters) is the value."""
         if not trials.admitted(trial.study, trial.number, self.cap):
             trial.set_user_attr(trials.SURPLUS_ATTR, True)
-            raise trials.SurplusTrial(f"trial {trial.number} is surplus: other workers' trials reached the cap of "
-                                      f"{self.cap} first")
+            message = f"trial {trial.number} is surplus: other workers' trials reached the cap of {self.cap} first"
+            print(f"{message}; it is dropped, uncounted", flush=True)
+            raise trials.SurplusTrial(message)
         trial.set_user_attr(trials.WORKER_ATTR, trials.worker_record(trial.number))
         self.current = trial.number
         sampled = self.space.suggest(trial)
@@ -237,7 +244,7 @@ def open_study(args: argparse.Namespace, search: Search, storage) -> optuna.Stud
                            "train.metric_for_best, or another --study-name") from err
     identity = {"recipe": search.program.script, "config": search.config, "overrides": search.overrides,
                 "space_sha256": search.space.sha256, "metric": search.metric,
-                "multi_objective": search.multi_objective, "cross_validation_folds": args.cv}
+                "multi_objective": search.multi_objective}
     stored = study.user_attrs.get(STUDY_ATTR)
     if stored is None:
         study.set_user_attr(STUDY_ATTR, identity)
@@ -269,14 +276,14 @@ def tune(args: argparse.Namespace, argv: list[str]) -> int:
     for number, what in ((args.trials, "--trials"), (args.local_workers, "--local-workers")):
         if number < 1:
             raise PeftlabError(f"{what} must be >= 1, got {number}")
-    if args.keep_best < 0 or (args.cv is not None and args.cv < 2):
-        raise PeftlabError("--keep-best must be >= 0 and --cv >= 2")
+    if args.keep_best < 0:
+        raise PeftlabError(f"--keep-best must be >= 0, got {args.keep_best}")
     for item in args.overrides:
         if item.partition("=")[0].strip() in RUNNER_OVERRIDES:
             raise PeftlabError(f"{item}: peftlab tune sets {item.partition('=')[0].strip()} per trial; give the "
                                "study folder with --output-dir")
     program = recipe_program(args.recipe)
-    if args.cv:
+    if args.cv is not None:
         cross_validation_hook(args.cv)
     recipe = load_recipe_module(program)
     config = args.config or (str(recipe.DEFAULT_CONFIG) if getattr(recipe, "DEFAULT_CONFIG", None) else None)
@@ -302,40 +309,26 @@ def tune(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"study {study.study_name} in {storage_name}: up to {args.trials} trials, objective validation "
           f"{search.metric}{' and trainable parameters' if search.multi_objective else ''}; "
           f"{threads.threads if search.thread_overrides else base.train.cpu_threads} cpu threads per trial", flush=True)
-    interrupted = _Interrupted()
+    previous_sigterm = sigterm_raises_keyboard_interrupt()  # outside training, SIGTERM stops the worker like Ctrl-C
     try:
-        with interrupted.on_sigterm():
-            run_worker(study, search)
+        run_worker(study, search)
     except (KeyboardInterrupt, RunInterrupted) as stop:
         run_folder.close_all_run_folders(run_folder.INTERRUPTED, "the study worker was stopped")
-        return interrupted.report(study, search.current, stop)
-    from peftlab.study_report import write_summary
-
+        return report_interrupt(study, search.current, stop)
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return write_summary(study, search)
 
 
-class _Interrupted:
-    """SIGTERM or Ctrl-C: the running trial is failed by Optuna; it is queued again, and the worker exits."""
-
-    @contextlib.contextmanager
-    def on_sigterm(self):
-        # Outside training (whose own handler saves and stops) SIGTERM ends the worker like Ctrl-C.
-        def handler(signum, frame):
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGTERM, handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-    def report(self, study: optuna.Study, number: int | None, stop: BaseException) -> int:
-        """Queue the stopped trial again (Optuna failed it), say so, and return the exit code."""
-        stopped = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number == number]
-        what = f"; trial {number} stopped: {trials.queue_retry(study, stopped[0])}" if stopped else ""
-        print(f"interrupted{what}; rerun the same command to continue the study", file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(stop, RunInterrupted) and stop.signal_name == "SIGTERM"
-                      else signal.SIGINT)
+def report_interrupt(study: optuna.Study, number: int | None, stop: BaseException) -> int:
+    """SIGTERM or Ctrl-C stopped the worker, and Optuna failed its trial: queue that trial again (it does not count),
+    say so, and return the exit code."""
+    stopped = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number == number]
+    what = f"; trial {number} stopped: {trials.queue_retry(study, stopped[0])}" if stopped else ""
+    print(f"interrupted{what}; rerun the same command to continue the study", file=sys.stderr)
+    sigterm = isinstance(stop, RunInterrupted) and stop.signal_name == "SIGTERM"
+    return 128 + (signal.SIGTERM if sigterm else signal.SIGINT)
 
 
 class _OneLineTrialErrors(logging.Filter):

@@ -280,6 +280,24 @@ def test_study_prunes_records_and_summarises(tmp_path, monkeypatch, capsys):
     assert len(optuna.load_study(study_name="study", storage=trials.open_storage(None, out)[0]).trials) == 3
 
 
+def test_multi_objective_study_trades_the_metric_against_parameters(tmp_path, capsys):
+    out = tmp_path / "study"
+    code = run_main(["text", "--space", str(write_space(tmp_path)), "--trials", "2", "--output-dir", str(out),
+                     "--multi-objective", "--seed", "1", *FAST])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "multi-objective study: pruning is off" in captured.err
+    study = optuna.load_study(study_name="study", storage=trials.open_storage(None, out)[0])
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    for trial in study.trials:  # (validation accuracy, trainable parameters with the head), never pruned
+        assert trial.state == TrialState.COMPLETE and not trial.intermediate_values
+        metrics = json.loads((trials.trial_dir(out, trial.number) / "metrics.json").read_text())
+        assert trial.values == [metrics["validation"]["accuracy"], metrics["parameters"]["trainable"]]
+    front = {t.number for t in study.best_trials}
+    assert (out / "trials.md").read_text().count("Pareto front") == len(front)
+    assert load_config(str(out / "best.yaml")).strategy in ("lora", "head")
+
+
 def test_a_changed_space_cannot_join_the_study(tmp_path, capsys):
     out = tmp_path / "study"
     storage, _ = trials.open_storage(None, out)
@@ -430,3 +448,20 @@ def test_two_workers_share_one_postgresql_study(tmp_path):
         storage.engine.dispose()  # close the connections before the server stops
     assert not (out / "study.journal").exists()  # the study lived in the database only
     assert yaml.safe_load((out / "best.yaml").read_text())["strategy"] in ("lora", "head")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_worker_and_its_trial_is_queued_again(tmp_path):
+    out, space = tmp_path / "study", write_space(tmp_path)
+    process = worker(space, out, 2, pause=3.0)
+    log = trials.trial_dir(out, 0) / "log.jsonl"
+    wait_for(lambda: log.is_file() and "eval/accuracy" in log.read_text(), 300, "trial 0 to evaluate")
+    process.send_signal(signal.SIGTERM)
+    # Training saves a checkpoint at its next step and stops; the worker queues the trial again and exits 128 + 15.
+    assert finish(process, timeout=120) == 128 + signal.SIGTERM
+    study = optuna.load_study(study_name="study", storage=trials.open_storage(None, out)[0])
+    stopped, queued = study.trials
+    assert stopped.state == TrialState.FAIL and queued.state == TrialState.WAITING
+    assert queued.params == stopped.params and queued.system_attrs["failed_trial"] == 0
+    assert trials.counted(study.trials) == []  # neither counts: the next worker runs the queued one
+    assert json.loads((out / "trials" / "0000" / ".peftlab-run.json").read_text())["status"] == "interrupted"
