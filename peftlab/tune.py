@@ -55,6 +55,7 @@ from optuna.trial import TrialState
 from peftlab import run_folder, trials
 from peftlab.cli import sigterm_raises_keyboard_interrupt
 from peftlab.config import RecipeConfig, load_config
+from peftlab.console import quiet_third_party
 from peftlab.errors import PeftlabError, RunInterrupted
 from peftlab.harness.grid import cell_id
 from peftlab.harness.programs import Program, load_recipe_module, recipe_program
@@ -343,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     """`peftlab tune`: exit 0 when the study has a complete trial, 1 when none completed, 2 on a bad input."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    quiet_third_party(args.debug)  # also run as `python -m peftlab.tune`, not through the console
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optimize_log = logging.getLogger("optuna.study._optimize")
     if not any(isinstance(f, _OneLineTrialErrors) for f in optimize_log.filters):

@@ -372,13 +372,18 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.slow
-def test_killed_worker_restarted_finishes_the_study(tmp_path):
+def worker_in_trial_0(tmp_path: Path) -> tuple[Path, Path, subprocess.Popen]:
+    """A slow worker (3 s per evaluation) of a 2-trial study, once trial 0 has trained and evaluated (mid-trial)."""
     out, space = tmp_path / "study", write_space(tmp_path)
-    first = worker(space, out, 2, pause=3.0)
-    # Kill it mid-trial: once trial 0 has trained and evaluated at least once (its log has an evaluation).
+    process = worker(space, out, 2, pause=3.0)
     log = trials.trial_dir(out, 0) / "log.jsonl"
     wait_for(lambda: log.is_file() and "eval/accuracy" in log.read_text(), 300, "trial 0 to evaluate")
+    return out, space, process
+
+
+@pytest.mark.slow
+def test_killed_worker_restarted_finishes_the_study(tmp_path):
+    out, space, first = worker_in_trial_0(tmp_path)
     first.send_signal(signal.SIGKILL)
     first.wait()
     study = optuna.load_study(study_name="study", storage=trials.open_storage(None, out)[0])
@@ -452,10 +457,7 @@ def test_two_workers_share_one_postgresql_study(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_stops_a_worker_and_its_trial_is_queued_again(tmp_path):
-    out, space = tmp_path / "study", write_space(tmp_path)
-    process = worker(space, out, 2, pause=3.0)
-    log = trials.trial_dir(out, 0) / "log.jsonl"
-    wait_for(lambda: log.is_file() and "eval/accuracy" in log.read_text(), 300, "trial 0 to evaluate")
+    out, _, process = worker_in_trial_0(tmp_path)
     process.send_signal(signal.SIGTERM)
     # Training saves a checkpoint at its next step and stops; the worker queues the trial again and exits 128 + 15.
     assert finish(process, timeout=120) == 128 + signal.SIGTERM
