@@ -34,6 +34,7 @@ from peftlab.typed import describe_type
 COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("peftlab.predict", "label texts, images or a file of them with a trained run"),
     "serve": ("peftlab.serve", "serve a run over HTTP (FastAPI): /predict, /metadata, /health and a page to try it"),
+    "tune": ("peftlab.tune", "search a recipe's hyper-parameters with Optuna, on one machine or many"),
 }
 
 
@@ -159,7 +160,7 @@ def run_cli(
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # known before parsing, so a bad config can show its traceback too
     quiet_third_party(debug)
-    previous_sigterm = _sigterm_raises_keyboard_interrupt()
+    previous_sigterm = sigterm_raises_keyboard_interrupt()
     try:
         cfg, debug = parse_recipe_args(argv, default_config)
         return main(cfg)
@@ -188,7 +189,9 @@ def run_cli(
             signal.signal(signal.SIGTERM, previous_sigterm)
 
 
-def _sigterm_raises_keyboard_interrupt():
+def sigterm_raises_keyboard_interrupt():
+    """Make SIGTERM raise KeyboardInterrupt, as Ctrl-C does; returns the previous handler to restore (None when this
+    is not the main thread, which alone may set handlers)."""
     # Outside the training loop (which saves a checkpoint first, see peftlab.training.StopSignal) SIGTERM ends the run
     # like Ctrl-C, so the folder is marked and the user gets a line, not a silent kill.
     def handler(signum, frame):

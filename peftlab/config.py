@@ -17,7 +17,7 @@ import yaml
 
 from peftlab import strategies
 from peftlab.errors import PeftlabError
-from peftlab.typed import Override, coerce_value, parse_yaml, resolve, show_value, yaml_problem
+from peftlab.typed import Override, coerce_value, read_yaml_file, resolve, show_value
 
 
 @dataclass
@@ -225,24 +225,21 @@ def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Any, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML (parent folders created), so `--config <path>` reruns exactly this run."""
+def save_config(cfg: Any, path: str | os.PathLike, header: Optional[str] = None) -> Path:
+    """Write the resolved config as YAML (parent folders created), so `--config <path>` reruns exactly this run.
+
+    Args:
+        header: comment lines to put first (each starting with `#`); default: the `--config <path>` line.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = f"# Resolved peftlab config; rerun with: --config {path}\n"
+    header = header.rstrip("\n") + "\n" if header else f"# Resolved peftlab config; rerun with: --config {path}\n"
     path.write_text(header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
 
 
 def _read_yaml(path: str) -> dict:
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise PeftlabError(f"cannot read config file {path}: {err.strerror or err}") from err
-    try:
-        data = parse_yaml(text)
-    except yaml.YAMLError as err:
-        raise PeftlabError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from err
+    _, data = read_yaml_file(path, "config file")
     if data is None:  # an empty file means all defaults
         return {}
     if not isinstance(data, dict):

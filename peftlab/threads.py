@@ -79,6 +79,13 @@ def set_cpu_threads(configured: int | None) -> ThreadChoice:
     return choice
 
 
+def share_of_cores(processes: int) -> ThreadChoice:
+    """Threads per process when `processes` processes split this process's share of the machine (rule 3 above; e.g.
+    the workers of a `peftlab tune` study on one machine)."""
+    return choose_cpu_threads(configured=None, omp_num_threads=None, omp_from_launcher=False, cpus=usable_cpus(),
+                              threads_per_core=_threads_per_core(), local_processes=processes)
+
+
 # torch elastic (accelerate launch, torchrun), then the MPI launchers accelerate itself reads (commands/launch.py).
 LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import math
 import re
@@ -11,6 +13,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -62,6 +65,61 @@ class TrainResult:
     train_time_s)."""
     param_groups: list[dict] = field(default_factory=list)
     """The optimizer's parameter groups by strategy group, bottom to top: {"name", "parameters", "lr" (peak)}."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One validation evaluation during training, as evaluation listeners see it."""
+
+    step: int
+    """Optimizer steps done."""
+    epoch: float
+    """Epochs of training done: 1.0 at the end of the first epoch, 1.5 halfway through the second."""
+    samples: int
+    """Training samples seen, over all processes (a resumed run's earlier parts included)."""
+    metrics: dict[str, float]
+    """The evaluation's metrics (`loss` and the recipe's compute_metrics)."""
+
+
+EvaluationListener = Callable[[Evaluation], Optional[bool]]
+_LISTENERS: contextvars.ContextVar[tuple[EvaluationListener, ...]] = contextvars.ContextVar(
+    "peftlab_evaluation_listeners", default=())
+
+
+@contextlib.contextmanager
+def evaluation_listener(listener: EvaluationListener) -> Iterator[None]:
+    """Call `listener(evaluation)` after each validation evaluation of every `train` inside the block (a recipe's
+    `main` included, unchanged); when it returns True, training stops there as early stopping would: the best weights
+    so far are kept and the run tests and saves as usual (`stopped_early` is true). What `peftlab.tune` prunes with.
+
+    In a multi-process run every process calls its listeners with the same metrics; training stops when any asks.
+    """
+    token = _LISTENERS.set(_LISTENERS.get() + (listener,))
+    try:
+        yield
+    finally:
+        _LISTENERS.reset(token)
+
+
+def _listeners_stop(accelerator, evaluation: Evaluation) -> bool:
+    """Tell every listener about the evaluation; whether one of them (on any process) asks to stop."""
+    listeners = _LISTENERS.get()
+    if not listeners:
+        return False
+    stop = any([bool(listener(evaluation)) for listener in listeners])  # a list: every listener hears of it
+    if accelerator.num_processes > 1:  # all processes must stop at the same step, or a barrier hangs
+        flag = torch.tensor([float(stop)], device=accelerator.device)
+        stop = bool(accelerator.reduce(flag, reduction="sum").item())
+    return stop
+
+
+def forget_accelerator_state() -> None:
+    """Forget accelerate's process-wide state, so the next run in this process (a search trial, a test) builds its
+    Accelerator afresh, with its own precision."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -255,7 +313,10 @@ def train(
                     metrics, _, _ = evaluate(model, eval_loader, accelerator, compute_metrics)
                     evaluated, improved = True, _record_evaluation(progress, metrics, train_cfg.metric_for_best)
                     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.global_step)
-                    stopped_early = _patience_exhausted(progress, train_cfg)
+                    epochs_done = progress.epoch + progress.batches_in_epoch / len(train_loader)
+                    evaluation = Evaluation(progress.global_step, epochs_done, progress.samples, metrics)
+                    stopped_early = (_patience_exhausted(progress, train_cfg)
+                                     | _listeners_stop(accelerator, evaluation))  # `|`: the listeners always hear
                 stop = last or stopped_early
                 signalled = not stop and stop_signal.received()
                 checkpointing_start = time.perf_counter()

@@ -10,6 +10,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -38,6 +39,19 @@ _YamlLoader.add_implicit_resolver(
 def parse_yaml(text: str) -> Any:
     """YAML text as plain data (mappings, lists, scalars), with YAML 1.2 floats."""
     return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def read_yaml_file(path: str | Path, what: str) -> tuple[str, Any]:
+    """A YAML file's text and its data; a one-line PeftlabError naming `what` (e.g. "config file") and the path
+    when it cannot be read or is not YAML."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise PeftlabError(f"cannot read {what} {path}: {err.strerror or err}") from err
+    try:
+        return text, parse_yaml(text)
+    except yaml.YAMLError as err:
+        raise PeftlabError(f"{what} {path} is not valid YAML: {yaml_problem(err)}") from err
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,20 @@ def test_early_stopping_after_patience_evaluations(tmp_path):
     assert result.best_step == 1
 
 
+def test_evaluation_listeners_hear_every_evaluation_and_can_stop_training(tmp_path):
+    heard, stopper = [], []
+    with training.evaluation_listener(heard.append):
+        with training.evaluation_listener(lambda ev: stopper.append(ev.step) or ev.step >= 12):
+            result, _, _ = run(tmp_path, tiny_config(epochs=4, eval_every=6))
+    # Every listener heard every evaluation, in order; 64 samples / batch 8 = 8 steps an epoch.
+    assert [(e.step, e.epoch, e.samples) for e in heard] == [(6, 0.75, 48), (12, 1.5, 96)]
+    assert stopper == [6, 12] and heard[0].metrics.keys() >= {"loss", "accuracy"}
+    assert result.global_step == 12 and result.stopped_early  # stopped at the evaluation that asked, not at step 32
+    # Outside the block nobody listens: the next run trains to its end.
+    result, _, _ = run(tmp_path / "after", tiny_config(epochs=1))
+    assert result.global_step == 8 and not result.stopped_early and heard[-1].step == 12
+
+
 def test_model_holds_best_weights_at_the_end(tmp_path):
     result, model, accelerator = run(tmp_path, tiny_config(epochs=4, eval_every=4, lr=3e-2))
     assert result.best_step < result.global_step  # this seed's best is not the last evaluation

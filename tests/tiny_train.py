@@ -22,7 +22,7 @@ from transformers import BertConfig, BertForSequenceClassification
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from peftlab.config import TrainConfig  # noqa: E402
-from peftlab.training import build_accelerator, train  # noqa: E402
+from peftlab.training import build_accelerator, forget_accelerator_state, train  # noqa: E402
 
 VOCAB, SEQ_LEN = 100, 8
 FROZEN = ("bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings", "bert.encoder.layer.0.")
@@ -109,10 +109,7 @@ def run(output_dir, train_cfg: TrainConfig, *, resume_from=None, n_train=64, n_e
 
 def reset_accelerate() -> None:
     """Forget accelerate's process-wide singletons so each in-process run starts clean."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    forget_accelerator_state()
 
 
 def stall_checkpoint_save(step: int) -> None:

@@ -332,7 +332,11 @@ def render(results_dir: Path, out_dir: Path | None = None, *, split: str = "test
 
 
 def run_command(summary: Summary, results_dir: Path) -> str:
-    """The runner command that fills `results_dir` (with --results when that is not the grid's default folder)."""
+    """The runner command that fills `results_dir` (with --results when that is not the grid's default folder), or
+    the `peftlab tune` command of a study's trial records."""
+    study = summary.records[0].get("study")
+    if study:
+        return study["command"]
     default = REPO_ROOT / "benchmarks" / "results" / summary.grid
     elsewhere = [] if Path(results_dir).resolve() == default.resolve() else ["--results", str(results_dir)]
     return shlex.join(["python", "benchmarks/run.py", summary.grid_file, *elsewhere])

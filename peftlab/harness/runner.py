@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from peftlab.errors import PeftlabError
 from peftlab.harness.grid import Cell, Grid, load_grid
-from peftlab.harness.programs import REPO_ROOT
+from peftlab.harness.programs import REPO_ROOT, Program
 from peftlab.harness.provenance import data_fingerprint, environment, folder_size, git_state, source_fingerprint
 
 RECORD_VERSION = 1
@@ -174,27 +174,39 @@ def run_cell(grid: Grid, cell: Cell, runs_dir: Path, *, timeout_s: float | None 
     wall_time_s = time.perf_counter() - start
 
     record = {
-        "record_version": RECORD_VERSION, "grid": grid.name, "grid_file": _shown_path(grid.path), "cell": cell.id,
+        "record_version": RECORD_VERSION, "grid": grid.name, "grid_file": shown_path(grid.path), "cell": cell.id,
         "status": "ok", "backbone": cell.backbone, "strategy": cell.strategy, "task": cell.task, "seed": cell.seed,
         "position": cell.position, "kind": cell.program.kind, "program": cell.program.name,
         **({"pair": cell.pair, "side": cell.side} if cell.pair else {}),
         "overrides": list(cell.overrides), "env": grid.env,
-        "command": shlex.join(["python", *cell_command(grid, cell, _shown_path(run_dir))]),
-        "returncode": returncode, "wall_time_s": round(wall_time_s, 2), "log": _shown_path(log_path),
-        "run_dir": _shown_path(run_dir),
+        "command": shlex.join(["python", *cell_command(grid, cell, shown_path(run_dir))]),
+        "returncode": returncode, "wall_time_s": round(wall_time_s, 2), "log": shown_path(log_path),
+        "run_dir": shown_path(run_dir),
     }
-    metrics_path = run_dir / "metrics.json"
+    return {**record, **run_outcome(cell.program, run_dir, error, source)}
+
+
+def run_outcome(program: Program, run_dir: Path, error: str | None, source_sha256: str) -> dict:
+    """The part of a record every launcher writes (the grid runner, `peftlab tune`): status, the run folder's
+    outputs (metrics, parameters, cost, config, data hash) or the error, and where the numbers come from.
+
+    Args:
+        error: why the run failed, or None when it exited normally (then a missing metrics.json is the error).
+        source_sha256: `source_fingerprint(program)`, taken when the run started.
+    """
+    outcome: dict = {"status": "ok"}
+    metrics_path = Path(run_dir) / "metrics.json"
     if error is None and not metrics_path.is_file():
-        error = f"the {cell.program.kind} exited 0 but wrote no {_shown_path(metrics_path)}"
+        error = f"the {program.kind} exited 0 but wrote no {shown_path(metrics_path)}"
     if error is not None:
-        record.update(status="failed", error=error)
+        outcome.update(status="failed", error=error)
     else:
-        record.update(_run_outputs(cell.program.task, run_dir))
-    # The load average says how much other work shared the machine with the cell (timings depend on it).
-    record.update(environment=environment(), git={**git_state(), "source_sha256": source},
-                  load_average=[round(load, 2) for load in os.getloadavg()],
-                  finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    return record
+        outcome.update(_run_outputs(program.task, Path(run_dir)))
+    # The load average says how much other work shared the machine with the run (timings depend on it).
+    outcome.update(environment=environment(), git={**git_state(), "source_sha256": source_sha256},
+                   load_average=[round(load, 2) for load in os.getloadavg()],
+                   finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return outcome
 
 
 def _run_outputs(task: str | None, run_dir: Path) -> dict:
@@ -243,7 +255,7 @@ def write_record(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def _shown_path(path: Path) -> str:
+def shown_path(path: Path) -> str:
     """A path relative to the repository when it is inside it (records stay the same on every checkout)."""
     path = Path(path).resolve()
     try:
