@@ -105,6 +105,12 @@ CASES = [
     ("LoRA+ without LoRA", ["strategy=full", "train.loraplus_ratio=4"], "sets the rate of LoRA's B matrices"),
     ("layer decay without trained blocks", ["train.layer_decay=0.8"], "strategy 'lora' trains the groups lora_A"),
     ("frozen batch norms on a transformer", ["model.batchnorm=frozen"], "the model has no batch norms"),
+    ("a fold without cross-validation", ["data.cv_fold=1"], "data.cv_fold applies to k-fold cross-validation only"),
+    ("one fold", ["data.cv_folds=1", "data.cv_fold=0"], "data.cv_folds: must be >= 2, got 1"),
+    ("more folds than pooled examples", ["data.cv_folds=100", "data.cv_fold=0"],
+     "pools only 48 train and validation examples; use at most 48 folds"),
+    ("unknown group column", ["data.cv_folds=3", "data.cv_fold=0", "data.group_column=author"],
+     "has no group column 'author'"),
 ]
 
 

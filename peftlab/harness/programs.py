@@ -8,8 +8,10 @@ model's evaluation. Register one with `register_job`; grids name it with `{job: 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from peftlab.errors import PeftlabError
 
@@ -72,3 +74,30 @@ def job(name: str, where: str) -> Program:
         raise PeftlabError(f"{where}: no job {name!r} is registered (registered: {', '.join(sorted(JOBS))}; "
                            "add one with peftlab.harness.programs.register_job)")
     return JOBS[name]
+
+
+def recipe_program(choice: str) -> Program:
+    """The recipe a command names: a task (`text`, `image`), a recipe name (`text_classification`) or a path to a
+    recipe script (a `main(cfg)` and, optionally, a `DEFAULT_CONFIG`); a one-line error when there is none."""
+    by_task = {task: name for name, task in RECIPE_TASKS.items()}
+    if choice in by_task:
+        return recipe(by_task[choice], "recipe")
+    path = Path(choice)
+    if path.suffix != ".py":
+        return recipe(choice, "recipe")
+    if not path.is_file():
+        raise PeftlabError(f"recipe {choice} does not exist; give text, image, a recipe name or a recipe script")
+    shown = path.resolve().relative_to(REPO_ROOT) if path.resolve().is_relative_to(REPO_ROOT) else path.resolve()
+    return Program(kind="recipe", name=path.stem, script=str(shown), task=RECIPE_TASKS.get(path.stem))
+
+
+def load_recipe_module(program: Program) -> ModuleType:
+    """A recipe script as a module, for runs inside this process (`peftlab tune`): recipes are scripts, not a
+    package, so the file is loaded by its path; its `main(cfg)` runs the recipe."""
+    path = REPO_ROOT / program.script
+    spec = importlib.util.spec_from_file_location(f"peftlab_recipe_{program.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "main", None)):
+        raise PeftlabError(f"recipe {program.script} has no main(cfg) function to run")
+    return module
