@@ -54,7 +54,7 @@ from peftlab.cli import run_cli
 from peftlab.config import RecipeConfig, config_to_dict, load_config, save_config
 from peftlab.data import load_data
 from peftlab.data.splits import Folds
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, RunInterrupted
 from peftlab.harness.programs import Program, load_recipe_module, recipe_program
 from peftlab.metrics import compute_classification_metrics, plot_confusion_matrix, scalar_metrics
 from peftlab.runs import CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILES
@@ -121,7 +121,7 @@ def run_cv(cfg: RecipeConfig, recipe: str | Program, k: Optional[int] = None,
                            "copy of recipes/text_classification.py or recipes/image_classification.py")
     k = cfg.data.cv_folds if k is None else k
     if k is None:
-        raise PeftlabError("give the number of folds: --folds K (or data.cv_folds=K)")
+        raise PeftlabError("give the number of folds: --folds K (K >= 2)")
     if k < 2:
         raise PeftlabError(f"data.cv_folds: must be >= 2, got {k}")
     if cfg.resume_from not in (None, "latest"):
@@ -131,6 +131,7 @@ def run_cv(cfg: RecipeConfig, recipe: str | Program, k: Optional[int] = None,
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cv_folds=k, cv_fold=0),
                               output_dir=str(output_dir), resume_from=None)
     main_process = os.environ.get("RANK", "0") == "0"
+    log = log if main_process else (lambda line: None)  # one progress line per fold, not one per process
     state = run_folder.check_folder_of_runs(output_dir, CV_KIND, overwrite=cfg.overwrite) if main_process else None
     if state is not None and state.action == "resume":
         check_same_config(output_dir / CONFIG_FILE, cfg)
@@ -145,11 +146,18 @@ def run_cv(cfg: RecipeConfig, recipe: str | Program, k: Optional[int] = None,
         f"({cfg.data.name}), {len(data.splits['test']):,} held out for test, into {output_dir}")
 
     results, start = [], time.perf_counter()
-    with shared_frozen_features() as shared:
-        for fold in range(k):
-            results.append(run_fold(module, cfg, folds, fold, output_dir / f"fold-{fold}", log))
-            if on_fold is not None:
-                on_fold(results[-1])
+    try:
+        with shared_frozen_features() as shared:
+            for fold in range(k):
+                results.append(run_fold(module, cfg, folds, fold, output_dir / f"fold-{fold}", log))
+                if on_fold is not None:
+                    on_fold(results[-1])
+    except BaseException as err:  # a failed or stopped fold (or a search pruning here): the folders say so, unlocked
+        interrupted = isinstance(err, (KeyboardInterrupt, RunInterrupted))
+        reason = " ".join(str(err).split()) or type(err).__name__
+        for folder in (output_dir / f"fold-{len(results)}", output_dir):
+            run_folder.close_run_folder(folder, run_folder.INTERRUPTED if interrupted else run_folder.FAILED, reason)
+        raise
     result = CvResult(output_dir, k, results)
     if main_process:
         result.summary = summarize(results, folds, data.label_names, output_dir, title=f"{cfg.strategy} on "
@@ -350,7 +358,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[CvResult]:
 
 def _folds_as_override(args: list[str]) -> list[str]:
     """`--folds K` becomes the override data.cv_folds=K (checked with the rest of the config); data.cv_fold is set
-    per fold, so it is given a valid placeholder."""
+    per fold, so it gets a valid placeholder beside it."""
     rest, folds = [], None
     items = iter(args)
     for arg in items:
@@ -362,9 +370,8 @@ def _folds_as_override(args: list[str]) -> list[str]:
             rest.append(arg)
     if folds is not None:
         rest.append(f"data.cv_folds={int(folds)}")
-    if not any(arg.startswith("data.cv_folds=") for arg in rest):
-        raise PeftlabError("give the number of folds: --folds K (K >= 2)")
-    return [*rest, "data.cv_fold=0"]
+    # Else the folds may come from the config file; run_cv says so when they come from nowhere.
+    return [*rest, "data.cv_fold=0"] if any(arg.startswith("data.cv_folds=") for arg in rest) else rest
 
 
 if __name__ == "__main__":

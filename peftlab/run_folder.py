@@ -103,10 +103,7 @@ def lock_holder(output_dir: str | os.PathLike) -> Optional[str]:
 def check_output_dir(output_dir: str | os.PathLike, *, resume_from: Optional[str], overwrite: bool) -> FolderState:
     """Decide what a run may do with `output_dir` (see the module docstring); raises PeftlabError, writes nothing."""
     path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise PeftlabError(f"output_dir {path} is a file; choose a folder path")
-    _check_writable(path)
-    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    entries = _usable_folder(path)
     if resume_from is not None and resume_from != "latest" and not Path(resume_from).is_dir():
         raise PeftlabError(f"resume_from={resume_from} is not a folder; give a checkpoints/step-<N> folder or latest")
     if not entries:
@@ -114,10 +111,6 @@ def check_output_dir(output_dir: str | os.PathLike, *, resume_from: Optional[str
             raise PeftlabError(f"resume_from={resume_from} but {path} holds no run to resume; "
                                "drop resume_from to start afresh")
         return FolderState(path, "create")
-    holder = lock_holder(path)
-    if holder:
-        raise PeftlabError(f"output_dir {path} is in use by {holder}; wait for that run to end or choose another "
-                           "output_dir")
     marker = read_marker(path)
     has_checkpoint = latest_checkpoint(path) is not None
     if marker is None:
@@ -148,15 +141,8 @@ def check_folder_of_runs(output_dir: str | os.PathLike, kind: str, *, overwrite:
     same kind: continue, keeping its finished runs) or `replace` (overwrite=true); raises PeftlabError, writes
     nothing."""
     path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise PeftlabError(f"output_dir {path} is a file; choose a folder path")
-    _check_writable(path)
-    if not path.is_dir() or not any(path.iterdir()):
+    if not _usable_folder(path):
         return FolderState(path, "create")
-    holder = lock_holder(path)
-    if holder:
-        raise PeftlabError(f"output_dir {path} is in use by {holder}; wait for that run to end or choose another "
-                           "output_dir")
     marker = read_marker(path)
     if marker is None:
         raise PeftlabError(f"output_dir {path} is not empty and is not a peftlab folder, so it is never overwritten; "
@@ -168,6 +154,19 @@ def check_folder_of_runs(output_dir: str | os.PathLike, kind: str, *, overwrite:
         raise PeftlabError(f"output_dir {path} holds {what}, not a {kind}; choose another output_dir, or "
                            "overwrite=true to move it aside")
     return FolderState(path, "resume")
+
+
+def _usable_folder(path: Path) -> list[str]:
+    """What every output folder must be (not a file, writable, not locked by another run); returns its entries."""
+    if path.exists() and not path.is_dir():
+        raise PeftlabError(f"output_dir {path} is a file; choose a folder path")
+    _check_writable(path)
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    holder = lock_holder(path) if entries else None
+    if holder:
+        raise PeftlabError(f"output_dir {path} is in use by {holder}; wait for that run to end or choose another "
+                           "output_dir")
+    return entries
 
 
 def _ended(marker: dict) -> str:

@@ -3,10 +3,7 @@ one-layer MiniLM, resuming, out-of-fold predictions, head-only feature sharing, 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,12 +19,22 @@ from peftlab.data.image import load_image_dataset
 from peftlab.data.text import load_text_dataset
 from peftlab.errors import PeftlabError
 from peftlab.run_folder import FAILED, INTERRUPTED, read_marker, write_marker
+from tests.test_predict import run_in_process
+from tests.tiny_train import reset_accelerate
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    # The folds run in this process: the next test file's runs must not inherit their accelerate state (precision).
+    yield
+    reset_accelerate()
+
 
 TINY = ["model.num_hidden_layers=1", "train.max_steps=1", "train.batch_size=8", "train.eval_batch_size=16",
         "train.mixed_precision=no", "train.trackers=[jsonl]", "train.cpu_threads=1"]
 
 
-def write_reviews(folder: Path, counts: dict[str, int], *, groups: int | None = None, name: str = "reviews.csv") -> Path:
+def write_reviews(folder: Path, counts: dict[str, int], *, groups: int | None = None,
+                  name: str = "reviews.csv") -> Path:
     """A CSV of distinct texts, `counts[label]` of each label, and with `groups` a group column (ids cycling)."""
     rows = [(f"review {i} says {label}", label) for label, n in counts.items() for i in range(n)]
     table = pd.DataFrame(rows, columns=["text", "label"])
@@ -53,7 +60,8 @@ def test_folds_are_disjoint_cover_the_pool_and_leave_test_untouched(tmp_path):
     for fold, data in enumerate(folds):
         train = list(data.splits["train"]["text"])
         assert set(train).isdisjoint(validated[fold]) and len(train) + len(validated[fold]) == len(pool)
-        assert list(data.splits["test"]["text"]) == list(plain.splits["test"]["text"])  # the plain split's test, untouched
+        # the plain split's test, untouched
+        assert list(data.splits["test"]["text"]) == list(plain.splits["test"]["text"])
         assert data.label_names == plain.label_names
         # One assignment whichever fold is asked for; a fold's validation rows are its pool indices, ascending.
         np.testing.assert_array_equal(data.folds.fold_of, folds[0].folds.fold_of)
@@ -144,29 +152,42 @@ def test_the_image_loader_folds_through_the_same_home(tmp_path):
 
 def run_cv_cli(arguments: list[str]) -> tuple[int, str, list[str]]:
     """`peftlab cv` in-process: exit code (0 when it returned), stdout, and stderr's `error:` lines."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            cv_main(arguments)
-            code = 0
-        except SystemExit as exit_info:
-            code = exit_info.code
-    return code, stdout.getvalue(), [line for line in stderr.getvalue().splitlines() if line.startswith("error: ")]
+    code, errors, stdout = run_in_process(cv_main, arguments)
+    return code, stdout, errors
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--folds", "1"], "data.cv_folds: must be >= 2, got 1"),
-    (["--folds", "500"], "data.cv_folds=500 but '{tmp}/reviews.csv' pools only 54 train and validation examples"),
-    (["--folds", "3", "data.group_column=author"], "has no group column 'author'; its columns are text, label"),
-    (["--folds", "3", "data.group_column=label"], "data.group_column='label' is also the label column"),
-    (["--folds", "three"], "--folds needs a whole number of folds"),
-    ([], "give the number of folds: --folds K"),
-    (["--folds", "3", "resume_from=/nowhere"], "a cross-validation continues by itself when rerun"),
-])
-def test_bad_cv_inputs_are_one_line_errors_before_any_work(tmp_path, arguments, message):
-    write_reviews(tmp_path, {"good": 30, "bad": 30})
-    code, _, errors = run_cv_cli(["text", *arguments, *TINY, f"data.name={tmp_path}/reviews.csv",
-                                  f"output_dir={tmp_path}/cv"])
+# (id, arguments after `peftlab cv text`, a fragment of the one-line message), on {tmp}/cv_reviews.csv (60 texts, 2
+# labels, `write_cv_files`). Also rendered into docs/bad_inputs.md by `python -m tests.test_bad_inputs`.
+CV_CASES = [
+    ("one fold", ["--folds", "1"], "data.cv_folds: must be >= 2, got 1"),
+    ("more folds than pooled examples", ["--folds", "500"],
+     "data.cv_folds=500 but '{tmp}/cv_reviews.csv' pools only 54 train and validation examples; use at most 54"),
+    ("unknown group column", ["--folds", "3", "data.group_column=author"],
+     "has no group column 'author'; its columns are text, label"),
+    ("group column is the label column", ["--folds", "3", "data.group_column=label"],
+     "data.group_column='label' is also the label column"),
+    ("folds not a number", ["--folds", "three"], "--folds needs a whole number of folds"),
+    ("no number of folds", [], "give the number of folds: --folds K"),
+    ("resume_from on a cross-validation", ["--folds", "3", "resume_from=/nowhere"],
+     "a cross-validation continues by itself when rerun"),
+]
+
+
+def write_cv_files(tmp: Path) -> Path:
+    write_reviews(tmp, {"good": 30, "bad": 30}, name="cv_reviews.csv")
+    return tmp
+
+
+def cv_error(arguments: list[str], tmp: Path) -> tuple[int, list[str]]:
+    """`peftlab cv text` with a case's arguments on the tiny settings: exit code and `error:` lines."""
+    code, _, errors = run_cv_cli(["text", *[a.replace("{tmp}", str(tmp)) for a in arguments], *TINY,
+                                  f"data.name={tmp}/cv_reviews.csv", f"output_dir={tmp}/cv"])
+    return code, errors
+
+
+@pytest.mark.parametrize("case_id, arguments, message", CV_CASES, ids=[case[0] for case in CV_CASES])
+def test_bad_cv_inputs_are_one_line_errors_before_any_work(tmp_path, case_id, arguments, message):
+    code, errors = cv_error(arguments, write_cv_files(tmp_path))
     assert code == 2 and len(errors) == 1, errors
     assert message.replace("{tmp}", str(tmp_path)) in errors[0], errors[0]
     assert not (tmp_path / "cv").exists()
