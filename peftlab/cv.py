@@ -152,22 +152,23 @@ def run_cv(cfg: RecipeConfig, recipe: str | Program, k: Optional[int] = None,
                 results.append(run_fold(module, cfg, folds, fold, output_dir / f"fold-{fold}", log))
                 if on_fold is not None:
                     on_fold(results[-1])
+        result = CvResult(output_dir, k, results)
+        if main_process:
+            result.summary = summarize(results, folds, data.label_names, output_dir,
+                                       title=f"{cfg.strategy} on {cfg.model.name}, {cfg.data.name}")
+            result.summary.update(wall_s=round(time.perf_counter() - start, 1), test_size=len(data.splits["test"]),
+                                  frozen_features={"extracted": shared.extracted, "reused": shared.reused})
+            (output_dir / CV_METRICS_FILE).write_text(json.dumps(result.summary, indent=2) + "\n")
+            log(results_table(result.summary))
+            log(f"wrote {output_dir}/: {CV_METRICS_FILE}, {OOF_FILE}, {FOLDS_FILE}, {CONFUSION_FILE}, "
+                f"fold-0..{k - 1}/")
+            run_folder.close_run_folder(output_dir, run_folder.FINISHED)
     except BaseException as err:  # a failed or stopped fold (or a search pruning here): the folders say so, unlocked
         interrupted = isinstance(err, (KeyboardInterrupt, RunInterrupted))
         reason = " ".join(str(err).split()) or type(err).__name__
         for folder in (output_dir / f"fold-{len(results)}", output_dir):
             run_folder.close_run_folder(folder, run_folder.INTERRUPTED if interrupted else run_folder.FAILED, reason)
         raise
-    result = CvResult(output_dir, k, results)
-    if main_process:
-        result.summary = summarize(results, folds, data.label_names, output_dir, title=f"{cfg.strategy} on "
-                                   f"{cfg.model.name}, {cfg.data.name}")
-        result.summary.update(wall_s=round(time.perf_counter() - start, 1), test_size=len(data.splits["test"]),
-                              frozen_features={"extracted": shared.extracted, "reused": shared.reused})
-        (output_dir / CV_METRICS_FILE).write_text(json.dumps(result.summary, indent=2) + "\n")
-        log(results_table(result.summary))
-        log(f"wrote {output_dir}/: {CV_METRICS_FILE}, {OOF_FILE}, {FOLDS_FILE}, {CONFUSION_FILE}, fold-0..{k - 1}/")
-        run_folder.close_run_folder(output_dir, run_folder.FINISHED)
     return result
 
 

@@ -19,7 +19,7 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -120,10 +120,9 @@ def save_run(cfg: RecipeConfig, task: str, *, accelerator, model, result, test, 
     if accelerator.is_main_process:
         write_run_outputs(output_dir, cfg, task, accelerator.unwrap_model(model), preprocessor, metrics, counts,
                           label_names)
-        for split, evaluation in (("validation", result.best_evaluation), ("test", test)):
-            if evaluation is not None:
-                write_predictions(Path(output_dir) / PREDICTIONS_FILES[split], evaluation.predictions,
-                                  evaluation.references, evaluation.probabilities, label_names)
+        for split, outputs in (("validation", result.best_evaluation), ("test", test)):
+            if outputs is not None:
+                write_predictions(Path(output_dir) / PREDICTIONS_FILES[split], outputs, label_names)
         run_folder.close_run_folder(output_dir, run_folder.FINISHED)
     accelerator.end_training()
     return metrics
@@ -146,21 +145,14 @@ def write_run_outputs(output_dir: Path, cfg: RecipeConfig, task: str, model, pre
                                                             folder=str(output_dir)))
 
 
-def write_predictions(path: Path, predictions: Sequence[int], references: Sequence[int], probabilities,
-                      label_names: list[str], *, index: Optional[Sequence[int]] = None,
-                      columns: Optional[dict[str, Sequence]] = None) -> Path:
-    """One CSV row per example: index (default 0..N-1), any extra `columns`, label and prediction (class names), then
-    one probability column per class, `p_<class name>`.
-
-    Args:
-        probabilities: examples x classes (numpy array).
-    """
-    index = range(len(references)) if index is None else index
-    columns = columns or {}
+def write_predictions(path: Path, outputs, label_names: list[str]) -> Path:
+    """One CSV row per example of a `peftlab.training.EvalOutput`, in its order: index, label and prediction (class
+    names), then one probability column per class, `p_<class name>` (as `peftlab predict --output` names them)."""
     with open(path, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
-        writer.writerow(["index", *columns, "label", "prediction", *(f"p_{name}" for name in label_names)])
-        for row, (i, label, prediction, probs) in enumerate(zip(index, references, predictions, probabilities)):
-            writer.writerow([int(i), *(values[row] for values in columns.values()), label_names[int(label)],
-                             label_names[int(prediction)], *(f"{p:.6g}" for p in probs)])
+        writer.writerow(["index", "label", "prediction", *(f"p_{name}" for name in label_names)])
+        for index, (label, prediction, probabilities) in enumerate(zip(outputs.references, outputs.predictions,
+                                                                      outputs.probabilities)):
+            writer.writerow([index, label_names[int(label)], label_names[int(prediction)],
+                             *(f"{p:.6g}" for p in probabilities)])
     return path

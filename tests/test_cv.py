@@ -4,6 +4,7 @@ one-layer MiniLM, resuming, out-of-fold predictions, head-only feature sharing, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -299,3 +300,30 @@ def test_head_only_cv_runs_the_frozen_backbone_once(tmp_path):
     pool_and_test = summary["pool_size"] + summary["test_size"]
     assert summary["frozen_features"] == {"extracted": pool_and_test, "reused": 2 * pool_and_test}
     assert printed.count("taken from an earlier run's") == 2
+
+
+def test_a_search_that_stops_after_a_fold_leaves_the_folders_marked_and_unlocked(tmp_path):
+    import fcntl
+
+    from peftlab.cv import run_cv
+
+    write_reviews(tmp_path, {"good": 20, "bad": 20})
+    default = Path(__file__).parents[1] / "recipes" / "configs" / "minilm_lora_rotten_tomatoes.yaml"
+    cfg = load_config(str(default), [*TINY, f"data.name={tmp_path}/reviews.csv"])
+
+    class Pruned(Exception):
+        pass
+
+    def prune(fold_result):
+        raise Pruned(f"pruned after fold {fold_result.fold}")
+
+    with pytest.raises(Pruned):
+        run_cv(cfg, "text", 2, tmp_path / "cv", on_fold=prune, log=lambda line: None)
+    cv = tmp_path / "cv"
+    assert read_marker(cv)["status"] == "failed" and read_marker(cv)["reason"] == "pruned after fold 0"
+    assert read_marker(cv / "fold-0")["status"] == "finished" and not (cv / "fold-1").exists()
+    fd = os.open(cv / ".peftlab-lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise BlockingIOError while this process held it
+    finally:
+        os.close(fd)
