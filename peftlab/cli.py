@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("peftlab.predict", "label texts, images or a file of them with a trained run"),
     "serve": ("peftlab.serve", "serve a run over HTTP (FastAPI): /predict, /metadata, /health and a page to try it"),
     "tune": ("peftlab.tune", "search a recipe's hyper-parameters with Optuna, on one machine or many"),
+    "cv": ("peftlab.cv", "k-fold cross-validation of a recipe: a run per fold, out-of-fold predictions, mean ± std"),
 }
 
 

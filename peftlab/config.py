@@ -70,6 +70,15 @@ class DataConfig:
     """Cap on training examples (fast smoke runs)."""
     max_eval_samples: Optional[int] = None
     """Cap on evaluation examples (fast smoke runs)."""
+    cv_folds: Optional[int] = None
+    """k-fold cross-validation: train and validation (after the caps above) are pooled and cut into this many
+    stratified folds (scikit-learn's StratifiedKFold, seeded by split_seed); the test split stays held out. Set
+    with cv_fold; `peftlab cv` runs every fold."""
+    cv_fold: Optional[int] = None
+    """Which fold (0 to cv_folds - 1) is this run's validation split; the other folds train."""
+    group_column: Optional[str] = None
+    """Column of group ids (a speaker, a patient, a source document): with cv_folds, a group's examples stay in one
+    fold (StratifiedGroupKFold), so no group is both trained and validated on."""
 
 
 @dataclass
@@ -169,13 +178,14 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32) (numpy's seed range)"),
     "decay": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "ratio": (lambda v: v >= 1, "must be >= 1"),
+    "at_least_two": (lambda v: v >= 2, "must be >= 2"),
 }
 _RANGES: dict[type, dict[str, str]] = {
     ModelConfig: {"num_hidden_layers": "positive", "dropout": "fraction"},
     DataConfig: {
         "max_length": "positive", "image_size": "positive", "validation_fraction": "fraction",
         "test_fraction": "fraction", "max_train_samples": "positive", "max_eval_samples": "positive",
-        "split_seed": "seed",
+        "split_seed": "seed", "cv_folds": "at_least_two", "cv_fold": "non_negative",
     },
     TrainConfig: {
         "epochs": "positive", "max_steps": "positive", "batch_size": "positive", "eval_batch_size": "positive",
@@ -197,8 +207,24 @@ def _check_split_fractions(data: DataConfig, prefix: str) -> None:
         )
 
 
+def _check_folds(data: DataConfig, prefix: str) -> None:
+    if data.cv_folds is None:
+        for name in ("cv_fold", "group_column"):
+            if getattr(data, name) is not None:
+                raise PeftlabError(f"{prefix}{name} applies to k-fold cross-validation only; set {prefix}cv_folds "
+                                   f"too (or run `peftlab cv`, which sets both)")
+    elif data.cv_fold is None or data.cv_fold >= data.cv_folds:
+        raise PeftlabError(f"{prefix}cv_folds={data.cv_folds} needs {prefix}cv_fold, the fold that validates, "
+                           f"between 0 and {data.cv_folds - 1}, got {data.cv_fold}")
+
+
+def _check_data(data: DataConfig, prefix: str) -> None:
+    _check_split_fractions(data, prefix)
+    _check_folds(data, prefix)
+
+
 # Checks across fields of one section, run after its range rules.
-_SECTION_CHECKS: dict[type, Callable[[Any, str], None]] = {DataConfig: _check_split_fractions}
+_SECTION_CHECKS: dict[type, Callable[[Any, str], None]] = {DataConfig: _check_data}
 
 
 def load_config(path: Optional[str], overrides: typing.Sequence[str] = (), cls: type = RecipeConfig) -> Any:

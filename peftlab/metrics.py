@@ -107,3 +107,38 @@ def _to_builtin(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _to_builtin(item) for key, item in value.items()}
     return value.item() if hasattr(value, "item") else value
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[float]], label_names: Sequence[str], path: str | Path, *,
+                          title: str) -> Path:
+    """Save a confusion matrix (rows: true class, columns: predicted class; counts, possibly averaged) as a PNG.
+
+    Each cell shows its count; its colour is the share of its row, so small and large classes read alike.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=float)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1e-12)
+    n = len(label_names)
+    side = min(3 + 0.5 * n, 16)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(n), labels=label_names, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+    ax.set_yticks(range(n), labels=label_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    if n <= 30:  # past that the numbers no longer fit their cells
+        for row in range(n):
+            for column in range(n):
+                ax.text(column, row, f"{counts[row, column]:.1f}".removesuffix(".0"), ha="center", va="center",
+                        fontsize=8, color="white" if shares[row, column] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -12,6 +12,10 @@ What a new run does with an existing `output_dir` (`check_output_dir` decides, w
 - marked, its run not finished (failed, killed, interrupted) and no checkpoint: reused as it is, after a line saying so.
 - marked, with a checkpoint or a finished run: `resume_from=latest` continues it; `overwrite=true` moves its files
   aside into `<output_dir>.replaced-<time>` (never deleted: remove that folder yourself once you no longer need it).
+
+A folder of runs (a cross-validation's, whose folds are run folders inside it) is marked and locked the same way, with
+`"kind"` in its marker; `check_folder_of_runs` decides for it: the same command always continues it (what its runs
+finished is kept), `overwrite=true` moves it aside, and a single run's folder is refused.
 """
 
 from __future__ import annotations
@@ -99,10 +103,7 @@ def lock_holder(output_dir: str | os.PathLike) -> Optional[str]:
 def check_output_dir(output_dir: str | os.PathLike, *, resume_from: Optional[str], overwrite: bool) -> FolderState:
     """Decide what a run may do with `output_dir` (see the module docstring); raises PeftlabError, writes nothing."""
     path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise PeftlabError(f"output_dir {path} is a file; choose a folder path")
-    _check_writable(path)
-    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    entries = _usable_folder(path)
     if resume_from is not None and resume_from != "latest" and not Path(resume_from).is_dir():
         raise PeftlabError(f"resume_from={resume_from} is not a folder; give a checkpoints/step-<N> folder or latest")
     if not entries:
@@ -110,10 +111,6 @@ def check_output_dir(output_dir: str | os.PathLike, *, resume_from: Optional[str
             raise PeftlabError(f"resume_from={resume_from} but {path} holds no run to resume; "
                                "drop resume_from to start afresh")
         return FolderState(path, "create")
-    holder = lock_holder(path)
-    if holder:
-        raise PeftlabError(f"output_dir {path} is in use by {holder}; wait for that run to end or choose another "
-                           "output_dir")
     marker = read_marker(path)
     has_checkpoint = latest_checkpoint(path) is not None
     if marker is None:
@@ -137,6 +134,39 @@ def check_output_dir(output_dir: str | os.PathLike, *, resume_from: Optional[str
             else f"a run that {_ended(marker)} (checkpoint {latest_checkpoint(path).name})")
     raise PeftlabError(f"output_dir {path} holds {what}; pass resume_from=latest to continue it, overwrite=true "
                        "to move it aside into a new folder, or choose another output_dir")
+
+
+def check_folder_of_runs(output_dir: str | os.PathLike, kind: str, *, overwrite: bool) -> FolderState:
+    """What a `kind` of folder of runs (e.g. a cross-validation) may do with `output_dir`: `create`, `resume` (the
+    same kind: continue, keeping its finished runs) or `replace` (overwrite=true); raises PeftlabError, writes
+    nothing."""
+    path = Path(output_dir)
+    if not _usable_folder(path):
+        return FolderState(path, "create")
+    marker = read_marker(path)
+    if marker is None:
+        raise PeftlabError(f"output_dir {path} is not empty and is not a peftlab folder, so it is never overwritten; "
+                           "choose a new or empty output_dir")
+    if overwrite:
+        return FolderState(path, "replace")
+    if marker.get("kind") != kind:
+        what = f"a {marker['kind']}" if marker.get("kind") else "a single run"
+        raise PeftlabError(f"output_dir {path} holds {what}, not a {kind}; choose another output_dir, or "
+                           "overwrite=true to move it aside")
+    return FolderState(path, "resume")
+
+
+def _usable_folder(path: Path) -> list[str]:
+    """What every output folder must be (not a file, writable, not locked by another run); returns its entries."""
+    if path.exists() and not path.is_dir():
+        raise PeftlabError(f"output_dir {path} is a file; choose a folder path")
+    _check_writable(path)
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    holder = lock_holder(path) if entries else None
+    if holder:
+        raise PeftlabError(f"output_dir {path} is in use by {holder}; wait for that run to end or choose another "
+                           "output_dir")
+    return entries
 
 
 def _ended(marker: dict) -> str:
@@ -169,8 +199,11 @@ def _is_pseudo_filesystem(path: Path) -> bool:
     return any(resolved == Path(p) or Path(p) in resolved.parents for p in ("/proc", "/sys"))
 
 
-def open_run_folder(state: FolderState) -> Path:
+def open_run_folder(state: FolderState, kind: Optional[str] = None) -> Path:
     """Create (or clear, or move aside) the folder as `state` says, lock it and mark it running. Main process only.
+
+    Args:
+        kind: marks a folder of runs (see `check_folder_of_runs`); None for a run's own folder.
 
     Raises PeftlabError when the folder cannot be created or another process took its lock meanwhile.
     """
@@ -190,7 +223,7 @@ def open_run_folder(state: FolderState) -> Path:
         elif state.action == "reuse":
             _clear(path)
             print(state.note, file=sys.stderr)
-        write_marker(path, RUNNING)
+        write_marker(path, RUNNING, kind=kind)
     except BaseException:
         lock.release()
         _HELD.pop(path.resolve(), None)
@@ -242,8 +275,10 @@ def _clear(path: Path) -> None:
             entry.unlink()
 
 
-def write_marker(output_dir: str | os.PathLike, status: str, reason: Optional[str] = None) -> None:
-    """Record the run's status in its folder (atomically: a kill never leaves half a marker)."""
+def write_marker(output_dir: str | os.PathLike, status: str, reason: Optional[str] = None,
+                 kind: Optional[str] = None) -> None:
+    """Record the run's status in its folder (atomically: a kill never leaves half a marker); a folder of runs keeps
+    its `kind`."""
     path = Path(output_dir)
     previous = read_marker(path) or {}
     marker = {"status": status, "pid": os.getpid(), "host": socket.gethostname(),
@@ -251,6 +286,8 @@ def write_marker(output_dir: str | os.PathLike, status: str, reason: Optional[st
               "ended": time.strftime("%Y-%m-%dT%H:%M:%S") if status != RUNNING else None}
     if reason:
         marker["reason"] = reason
+    if kind or previous.get("kind"):
+        marker["kind"] = kind or previous["kind"]
     tmp = path / f"{MARKER_FILE}.tmp"
     tmp.write_text(json.dumps(marker) + "\n", encoding="utf-8")
     os.replace(tmp, path / MARKER_FILE)

@@ -5,6 +5,9 @@ Layout of `output_dir`:
     metrics.json       validation and test metrics, parameter counts, train time, throughput, peak memory
     log.jsonl          the training log (plus TensorBoard event files under the tracker folders)
     README.md          the model card (peftlab.model_card): results, and how to load it with or without peftlab
+    validation_predictions.csv, test_predictions.csv
+                       per example (in split order): index, label, prediction, one probability column per class
+                       (`p_<class>`); validation from the best evaluation (cross-validation's out-of-fold predictions)
     model/             what trained, in the strategy's save format (peftlab.saving): a peft adapter for LoRA, the
                        whole model for full, else the trained tensors
     checkpoints/       resumable checkpoints (latest and best)
@@ -12,6 +15,7 @@ Layout of `output_dir`:
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -33,6 +37,7 @@ MODEL_SUBDIR = "model"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 TASK_FILE = "task.json"
+PREDICTIONS_FILES = {"validation": "validation_predictions.csv", "test": "test_predictions.csv"}
 
 
 def check_output_dir(cfg: RecipeConfig) -> FolderState:
@@ -78,21 +83,30 @@ def prepare_output_dir(cfg: RecipeConfig, accelerator=None) -> Path:
     return Path(cfg.output_dir)
 
 
-def test_and_save(cfg: RecipeConfig, task: str, *, accelerator, model, result, test_loader, label_names: list[str],
-                  counts: ParameterCount, preprocessor, output_dir: Path,
-                  phases: PhaseTimer | None = None) -> dict[str, Any]:
-    """Score the best weights once on the test split, then write the run's outputs; returns metrics.json's content.
+def score_test(model, test_loader, accelerator, phases: PhaseTimer):
+    """Score the best weights once on the test split; returns a `peftlab.training.EvalOutput`.
 
-    Args:
-        phases: the recipe's timer (data, model, feature cache); train() and the test pass add theirs to it.
+    Call it inside the recipe's `frozen_feature_cache` with the cached test loader, so that the frozen backbone's
+    features of the test split are extracted with the rest (and shared across cross-validation folds).
     """
-    from peftlab.metrics import compute_classification_metrics
     from peftlab.training import evaluate
 
-    phases = phases or PhaseTimer()
     with phases.measure("test"):
-        _, predictions, references = evaluate(model, accelerator.prepare(test_loader), accelerator, lambda p, r: {})
-        test_metrics = compute_classification_metrics(predictions, references, label_names)
+        return evaluate(model, accelerator.prepare(test_loader), accelerator, lambda p, r: {})
+
+
+def save_run(cfg: RecipeConfig, task: str, *, accelerator, model, result, test, label_names: list[str],
+             counts: ParameterCount, preprocessor, output_dir: Path, phases: PhaseTimer) -> dict[str, Any]:
+    """Write the run's outputs (weights, metrics.json with the test scores, predictions, config, model card) and mark
+    the folder finished; returns metrics.json's content.
+
+    Args:
+        test: `score_test`'s evaluation of the best weights.
+        phases: the recipe's timer (data, model, feature cache, test); train()'s phases are added to it.
+    """
+    from peftlab.metrics import compute_classification_metrics
+
+    test_metrics = compute_classification_metrics(test.predictions, test.references, label_names)
     for phase, seconds in result.phases_s.items():
         phases.add(phase, seconds)
     metrics = {"validation": result.best_metrics, "test": test_metrics, "best_step": result.best_step,
@@ -106,6 +120,9 @@ def test_and_save(cfg: RecipeConfig, task: str, *, accelerator, model, result, t
     if accelerator.is_main_process:
         write_run_outputs(output_dir, cfg, task, accelerator.unwrap_model(model), preprocessor, metrics, counts,
                           label_names)
+        for split, outputs in (("validation", result.best_evaluation), ("test", test)):
+            if outputs is not None:
+                write_predictions(Path(output_dir) / PREDICTIONS_FILES[split], outputs, label_names)
         run_folder.close_run_folder(output_dir, run_folder.FINISHED)
     accelerator.end_training()
     return metrics
@@ -126,3 +143,16 @@ def write_run_outputs(output_dir: Path, cfg: RecipeConfig, task: str, model, pre
     plain_torch = any(isinstance(module, TorchImageClassifier) for module in model.modules())
     (Path(output_dir) / "README.md").write_text(model_card(cfg, task, metrics, counts, label_names, plain_torch,
                                                             folder=str(output_dir)))
+
+
+def write_predictions(path: Path, outputs, label_names: list[str]) -> Path:
+    """One CSV row per example of a `peftlab.training.EvalOutput`, in its order: index, label and prediction (class
+    names), then one probability column per class, `p_<class name>` (as `peftlab predict --output` names them)."""
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["index", "label", "prediction", *(f"p_{name}" for name in label_names)])
+        for index, (label, prediction, probabilities) in enumerate(zip(outputs.references, outputs.predictions,
+                                                                      outputs.probabilities)):
+            writer.writerow([index, label_names[int(label)], label_names[int(prediction)],
+                             *(f"{p:.6g}" for p in probabilities)])
+    return path

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -42,6 +42,17 @@ from peftlab.threads import set_cpu_threads
 from peftlab.tracking import build_trackers
 
 
+class EvalOutput(NamedTuple):
+    """One pass over an evaluation loader: its metrics and, per example in the loader's order, what the model said."""
+
+    metrics: dict[str, float]
+    predictions: np.ndarray
+    """Class ids (or regression values)."""
+    references: np.ndarray
+    probabilities: np.ndarray
+    """Softmax of the logits, examples x classes (the raw output for a single-output head)."""
+
+
 @dataclass
 class TrainResult:
     """What a training run returns; the model itself now holds the best evaluation's weights."""
@@ -65,6 +76,9 @@ class TrainResult:
     train_time_s)."""
     param_groups: list[dict] = field(default_factory=list)
     """The optimizer's parameter groups by strategy group, bottom to top: {"name", "parameters", "lr" (peak)}."""
+    best_evaluation: EvalOutput | None = None
+    """The best evaluation's per-example outputs on the evaluation data (what the returned weights predict there):
+    cross-validation's out-of-fold predictions, kept rather than recomputed."""
 
 
 @dataclass(frozen=True)
@@ -198,25 +212,28 @@ def build_scheduler(optimizer, train_cfg, num_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=num_steps)
 
 
-def evaluate(model, loader, accelerator, compute_metrics) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Mean loss plus compute_metrics over a prepared loader; predictions gathered across processes, no duplicates."""
+def evaluate(model, loader, accelerator, compute_metrics) -> EvalOutput:
+    """Mean loss plus compute_metrics over a prepared loader; outputs gathered across processes, no duplicates."""
     was_training = model.training
     model.eval()
-    predictions, references, losses = [], [], []
+    predictions, references, losses, probabilities = [], [], [], []
     with torch.no_grad():
         for batch in loader:
             out = model(**batch)
             logits = out.logits.float()
             pred = logits.argmax(-1) if logits.shape[-1] > 1 else logits.squeeze(-1)  # class ids, or regression values
+            probs = logits.softmax(-1) if logits.shape[-1] > 1 else logits
             labels = batch["labels"]
-            pred, labels, loss = accelerator.gather_for_metrics((pred, labels, _per_sample_loss(out, labels)))
+            pred, labels, loss, probs = accelerator.gather_for_metrics(
+                (pred, labels, _per_sample_loss(out, labels), probs))
             predictions.append(pred.cpu())
             references.append(labels.cpu())
             losses.append(loss.cpu())
+            probabilities.append(probs.cpu())
     model.train(was_training)
     predictions, references = torch.cat(predictions).numpy(), torch.cat(references).numpy()
     metrics = {"loss": torch.cat(losses).mean().item(), **compute_metrics(predictions, references)}
-    return metrics, predictions, references
+    return EvalOutput(metrics, predictions, references, torch.cat(probabilities).numpy())
 
 
 def _per_sample_loss(out, labels: torch.Tensor) -> torch.Tensor:
@@ -258,6 +275,7 @@ def train(
                disable=not accelerator.is_local_main_process)
     stopped_early = _patience_exhausted(progress, train_cfg)  # a resumed run may have stopped early already
     stop = stopped_early or progress.global_step >= total_steps
+    best_evaluation = None
     samples, evaluation_s, checkpointing_s, window, micro_losses = 0, 0.0, 0.0, [], []
     after_step = after_step_hook(accelerator.unwrap_model(model))  # the strategy's own, e.g. AdaLoRA rank allocation
     with StopSignal(accelerator) as stop_signal:  # SIGTERM/Ctrl-C: checkpoint at the next step, then stop
@@ -310,8 +328,10 @@ def train(
                 last = progress.global_step >= total_steps
                 evaluated = improved = False
                 if _should_evaluate(train_cfg, progress.global_step, epoch_end, last):
-                    metrics, _, _ = evaluate(model, eval_loader, accelerator, compute_metrics)
+                    outputs = evaluate(model, eval_loader, accelerator, compute_metrics)
+                    metrics = outputs.metrics
                     evaluated, improved = True, _record_evaluation(progress, metrics, train_cfg.metric_for_best)
+                    best_evaluation = outputs if improved else best_evaluation
                     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.global_step)
                     epochs_done = progress.epoch + progress.batches_in_epoch / len(train_loader)
                     evaluation = Evaluation(progress.global_step, epochs_done, progress.samples, metrics)
@@ -349,6 +369,8 @@ def train(
     best = step_dir(output_dir, progress.best_step) if progress.best_step is not None else None
     if best is not None:
         load_trainable_weights(accelerator.unwrap_model(model), best)
+        if best_evaluation is None:  # resumed after its best evaluation: what those weights predict was not kept
+            best_evaluation = evaluate(model, eval_loader, accelerator, compute_metrics)
     best_metrics = next((h for h in progress.history if h["step"] == progress.best_step), {})
     return TrainResult(
         best_metrics={k: v for k, v in best_metrics.items() if k != "step"},
@@ -363,6 +385,7 @@ def train(
         phases_s={"train_steps": progress.step_time_s, "evaluation": progress.evaluation_s,
                   "checkpointing": progress.checkpointing_s},
         param_groups=param_groups,
+        best_evaluation=best_evaluation,
     )
 
 

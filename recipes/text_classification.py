@@ -22,7 +22,7 @@ from peftlab.data import load_data, make_text_dataloader, tokenize_dataset
 from peftlab.learning_rates import rate_groups
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
 from peftlab.phases import PhaseTimer
-from peftlab.runs import check_before_loading, prepare_output_dir, test_and_save
+from peftlab.runs import check_before_loading, prepare_output_dir, save_run, score_test
 from peftlab.training import build_accelerator, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "minilm_lora_rotten_tomatoes.yaml"
@@ -67,17 +67,17 @@ def main(cfg: RecipeConfig) -> dict:
         return scalar_metrics(compute_classification_metrics(predictions, references, data.label_names))
 
     # Strategy `head`: the frozen backbone runs once and the head trains on its cached features (peftlab.caching).
-    loaders = {"train": train_loader, "validation": eval_loaders["validation"]}
+    loaders = {"train": train_loader, **eval_loaders}
     with frozen_feature_cache(model, loaders, accelerator, enabled=cfg.train.cache_frozen_features,
                               phases=phases) as loaders:
         result = train(model, accelerator=accelerator, train_cfg=cfg.train, train_loader=loaders["train"],
                        eval_loader=loaders["validation"], compute_metrics=compute_metrics,
                        output_dir=output_dir, resume_from=cfg.resume_from)
-
-    # The model now holds the best validation weights: score them once on the test split and save.
-    return test_and_save(cfg, "text", accelerator=accelerator, model=model, result=result,
-                         test_loader=eval_loaders["test"], label_names=data.label_names, counts=counts,
-                         preprocessor=backbone.tokenizer, output_dir=output_dir, phases=phases)
+        # The model now holds the best validation weights: score them once on the test split (cached there too).
+        test = score_test(model, loaders["test"], accelerator, phases)
+    return save_run(cfg, "text", accelerator=accelerator, model=model, result=result, test=test,
+                    label_names=data.label_names, counts=counts, preprocessor=backbone.tokenizer,
+                    output_dir=output_dir, phases=phases)
 
 
 if __name__ == "__main__":

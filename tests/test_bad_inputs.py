@@ -105,6 +105,10 @@ CASES = [
     ("LoRA+ without LoRA", ["strategy=full", "train.loraplus_ratio=4"], "sets the rate of LoRA's B matrices"),
     ("layer decay without trained blocks", ["train.layer_decay=0.8"], "strategy 'lora' trains the groups lora_A"),
     ("frozen batch norms on a transformer", ["model.batchnorm=frozen"], "the model has no batch norms"),
+    ("a fold without cross-validation", ["data.cv_fold=1"], "data.cv_fold applies to k-fold cross-validation only"),
+    ("a fold past the folds", ["data.cv_folds=3", "data.cv_fold=3"], "between 0 and 2, got 3"),
+    ("more folds than the recipe pools", ["data.cv_folds=100", "data.cv_fold=0"],
+     "pools only 48 train and validation examples; use at most 48 folds"),
 ]
 
 
@@ -133,9 +137,10 @@ def test_table_matches_cases():
     from tests.test_image_recipe import BAD_DATA_CASES
     from tests.test_predict import CASES as PREDICT_CASES
     from tests.test_run_folder import RESUME_CASES
+    from tests.test_cv import CV_CASES
 
     table = (ROOT / "docs" / "bad_inputs.md").read_text()
-    for case_id in [case[0] for case in [*CASES, *BAD_DATA_CASES, *PREDICT_CASES, *RESUME_CASES]]:
+    for case_id in [case[0] for case in [*CASES, *BAD_DATA_CASES, *PREDICT_CASES, *RESUME_CASES, *CV_CASES]]:
         assert f"| {case_id} |" in table, f"docs/bad_inputs.md lacks a row for {case_id!r}"
 
 
@@ -143,12 +148,12 @@ def write_table(path: Path = ROOT / "docs" / "bad_inputs.md") -> None:
     """Regenerate docs/bad_inputs.md from the case tables, with the messages users actually see.
 
     Tables: CASES here (text recipe), BAD_DATA_CASES of tests/test_image_recipe.py (image recipe), CASES of
-    tests/test_predict.py (predict, on runs trained for the purpose in a few seconds) and RESUME_CASES of
-    tests/test_run_folder.py (resuming a damaged run).
+    tests/test_predict.py (predict, on runs trained for the purpose in a few seconds), RESUME_CASES of
+    tests/test_run_folder.py (resuming a damaged run) and CV_CASES of tests/test_cv.py (`peftlab cv`).
     """
     import tempfile
 
-    from tests import test_image_recipe, test_predict, test_run_folder
+    from tests import test_cv, test_image_recipe, test_predict, test_run_folder
 
     tmp = write_files(Path(tempfile.mkdtemp()))
     test_image_recipe.write_bad_folders(tmp)
@@ -186,6 +191,11 @@ def write_table(path: Path = ROOT / "docs" / "bad_inputs.md") -> None:
     for number, case in enumerate(test_run_folder.RESUME_CASES):
         _, lines, run = test_run_folder.resume_error(case, trained, tmp / f"resume-{number}")
         rows.append(row(case[0], [a.replace(str(tmp), "{tmp}") for a in case[2]], lines[0].replace(str(run), "<run>")))
+    rows += ["", "## Cross-validation", "", "`peftlab cv text ...` on a CSV of 60 texts, CV_CASES of "
+             "`tests/test_cv.py`.", "", *header]
+    test_cv.write_cv_files(tmp)
+    rows += [row(case_id, arguments, test_cv.cv_error(arguments, tmp)[1][0])
+             for case_id, arguments, _ in test_cv.CV_CASES]
     rows += ["", "## Stops", "", "Not bad input, but what the user sees (tests in `tests/test_run_folder.py` and "
              "`tests/test_checkpointing.py`):", "",
              "- SIGTERM or Ctrl-C during training: `interrupted: SIGTERM at step 12, checkpoint <run>/checkpoints/"

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from peftlab import apply_strategy
 from peftlab.backbones import TorchImageClassifier, set_dropout
-from peftlab.caching import frozen_feature_cache
+from peftlab.caching import frozen_feature_cache, shared_frozen_features
 from peftlab.training import build_accelerator, train
 from tests.tiny_models import NUM_LABELS, VOCAB, build
 from tests.tiny_train import accuracy, reset_accelerate, tiny_config
@@ -65,17 +65,20 @@ def head_model(family: str, pooling: str = "cls", strategy: str = "head"):
     return apply_strategy(model, strategy, pooling=pooling)
 
 
-def train_head(tmp_path, family: str, *, cache: bool, pooling: str = "cls", **train_overrides):
-    """Train a fresh head model (cached or not); returns (result, model, printed lines)."""
+def train_head(tmp_path, family: str, *, cache: bool, pooling: str = "cls", model=None, data=None, name="",
+               **train_overrides):
+    """Train a fresh head model (cached or not) on `data` (train and validation examples; default: 40 and 24 new
+    ones); returns (result, model, printed lines)."""
     reset_accelerate()
     cfg = tiny_config(epochs=3, batch_size=8, lr=5e-2, **train_overrides)
-    output_dir = tmp_path / f"{family}-{pooling}-{cache}"
+    output_dir = tmp_path / f"{family}-{pooling}-{cache}{name}"
     accelerator = build_accelerator(cfg, output_dir)
     printed = []
     accelerator.print = lambda *args: printed.append(" ".join(map(str, args)))
-    model = head_model(family, pooling)
-    loaders = {"train": DataLoader(examples(family), batch_size=cfg.batch_size, shuffle=True, collate_fn=collate),
-               "validation": DataLoader(examples(family, 24, seed=1), batch_size=16, collate_fn=collate)}
+    model = head_model(family, pooling) if model is None else model
+    train_examples, validation_examples = data or (examples(family), examples(family, 24, seed=1))
+    loaders = {"train": DataLoader(train_examples, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate),
+               "validation": DataLoader(validation_examples, batch_size=16, collate_fn=collate)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: on a busy shared CPU, waiting OpenMP threads slow these runs down 10x
     try:
@@ -181,3 +184,45 @@ def test_trainable_parameters_below_the_head_fall_back(tmp_path):
     model.bert.pooler.dense.weight.requires_grad_(True)
     printed, unchanged = no_cache_reason(tmp_path, model)
     assert unchanged and "bert.pooler.dense.weight" in printed[0]
+
+
+def frozen_examples_seen(model) -> list[int]:
+    """A counter of the examples the model's frozen base runs on (it does not run on cached features)."""
+    seen = [0]
+
+    def count(module, args, kwargs):
+        inputs = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        seen[0] += len(inputs)
+
+    model.base_model.register_forward_pre_hook(count, with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("family,pooling", [("bert", "mean"), ("vit", "cls")])
+def test_shared_features_serve_later_runs_over_the_same_examples(tmp_path, family, pooling):
+    """What cross-validation's folds do: other subsets of the same examples extract nothing new (one example runs
+    to check the replay) and train the head a run on its own would; other frozen weights share nothing."""
+    pool = examples(family, 48)
+    first, second = (pool[:32], pool[32:]), (pool[16:], pool[:16])
+    alone, alone_model, _ = train_head(tmp_path, family, cache=True, pooling=pooling, data=second, name="alone")
+    with shared_frozen_features() as shared:
+        model = head_model(family, pooling)
+        seen = frozen_examples_seen(model)
+        train_head(tmp_path, family, cache=True, pooling=pooling, model=model, data=first, name="first")
+        assert seen[0] == 48 and (shared.extracted, shared.reused) == (48, 0)
+        model = head_model(family, pooling)
+        seen = frozen_examples_seen(model)
+        result, model, printed = train_head(tmp_path, family, cache=True, pooling=pooling, model=model, data=second,
+                                            name="second")
+        assert seen[0] == 1 and (shared.extracted, shared.reused) == (48, 48)
+        assert any("(48 taken from an earlier run's)" in line for line in printed)
+        torch.testing.assert_close(state(model), state(alone_model), atol=2e-5, rtol=1e-4)
+        assert [h["accuracy"] for h in result.history] == [h["accuracy"] for h in alone.history]
+        other = head_model(family, pooling)
+        with torch.no_grad():
+            next(p for n, p in other.base_model.named_parameters() if "embeddings" in n).add_(0.01)
+        seen = frozen_examples_seen(other)
+        train_head(tmp_path, family, cache=True, pooling=pooling, model=other, data=second, name="other")
+        assert seen[0] == 48 and shared.reused == 48  # other frozen weights: nothing reused
+    with shared_frozen_features() as fresh:  # the block's features went with it
+        assert fresh.entries == {} and fresh is not shared

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,9 +120,17 @@ def test_model_holds_best_weights_at_the_end(tmp_path):
     load_trainable_weights(model, result.best_checkpoint)
     assert all(torch.equal(weights[n], p) for n, p in trainable(model).items())
     _, eval_loader = loaders(tiny_config(), TokenTask(8, seed=1), TokenTask(23, seed=2))
-    metrics, predictions, references = evaluate(model, accelerator.prepare(eval_loader), accelerator, accuracy)
-    assert metrics == pytest.approx(result.best_metrics, abs=1e-6)
-    assert len(predictions) == len(references) == 23
+    evaluation = evaluate(model, accelerator.prepare(eval_loader), accelerator, accuracy)
+    assert evaluation.metrics == pytest.approx(result.best_metrics, abs=1e-6)
+    assert len(evaluation.predictions) == len(evaluation.references) == 23
+    # What train() kept of its best evaluation is what the returned weights predict (cross-validation's out-of-fold
+    # predictions come from it), not the last evaluation's.
+    kept = result.best_evaluation
+    np.testing.assert_array_equal(kept.predictions, evaluation.predictions)
+    np.testing.assert_array_equal(kept.references, evaluation.references)
+    np.testing.assert_allclose(kept.probabilities, evaluation.probabilities, atol=1e-6)
+    np.testing.assert_allclose(kept.probabilities.sum(axis=1), 1.0, atol=1e-6)
+    assert (kept.probabilities.argmax(axis=1) == kept.predictions).all()
 
 
 @pytest.mark.parametrize(
@@ -146,6 +155,10 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(tmp_path, overrides,
     assert train_losses(tmp_path / "run") == train_losses(tmp_path / "ref")
     for (name, a), b in zip(trainable(reference_model).items(), trainable(resumed_model).values()):
         assert torch.equal(a, b), name
+    # The best evaluation's outputs, kept in memory or (best before the resume) recomputed from the best weights.
+    np.testing.assert_array_equal(resumed.best_evaluation.predictions, reference.best_evaluation.predictions)
+    np.testing.assert_allclose(resumed.best_evaluation.probabilities, reference.best_evaluation.probabilities,
+                               atol=1e-6)
 
 
 def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path):

@@ -206,7 +206,9 @@ def main(argv=None) -> None:
         args.output_dir, train_cfg, resume_from=args.resume_from, n_train=args.n_train, n_eval=args.n_eval, model=model
     )
     if accelerator.is_main_process:
-        summary = {**asdict(result), "num_processes": accelerator.num_processes}
+        # The best evaluation's per-example outputs are arrays: the summary keeps the JSON-ready fields.
+        fields = {k: v for k, v in asdict(result).items() if k != "best_evaluation"}
+        summary = {**fields, "num_processes": accelerator.num_processes}
         Path(args.output_dir, "result.json").write_text(json.dumps(summary, indent=1))
 
 

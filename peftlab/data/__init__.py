@@ -25,7 +25,8 @@ def load_data(data_cfg, task: str) -> LabelledDataset:
     `peftlab.load` and the benchmarks share, so a setting added to `DataConfig` reaches all of them."""
     common = dict(label_column=data_cfg.label_column, validation_fraction=data_cfg.validation_fraction,
                   test_fraction=data_cfg.test_fraction, split_seed=data_cfg.split_seed,
-                  max_train_samples=data_cfg.max_train_samples, max_eval_samples=data_cfg.max_eval_samples)
+                  max_train_samples=data_cfg.max_train_samples, max_eval_samples=data_cfg.max_eval_samples,
+                  cv_folds=data_cfg.cv_folds, cv_fold=data_cfg.cv_fold, group_column=data_cfg.group_column)
     if task == "text":
         return load_text_dataset(data_cfg.name, text_column=data_cfg.text_column, **common)
     return load_image_dataset(data_cfg.name, **common)

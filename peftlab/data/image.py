@@ -53,6 +53,9 @@ def load_image_dataset(
     split_seed: int = 0,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    cv_folds: int | None = None,
+    cv_fold: int | None = None,
+    group_column: str | None = None,
 ) -> LabelledDataset:
     """Load a packaged name, an image folder or a Hub id as train/validation/test with `image` and `label` columns.
 
@@ -62,18 +65,26 @@ def load_image_dataset(
         image_column, label_column: the source columns to use (Hub ids only; folders and packaged sets are fixed).
         validation_fraction, test_fraction: shares of train that become validation/test when the source has none.
         max_train_samples, max_eval_samples: keep at most this many examples (a seeded shuffle picks which).
+        cv_folds, cv_fold, group_column: k-fold cross-validation (peftlab.data.splits.fold_splits); a group column
+            exists in Hub datasets only (folders and packaged sets have no columns).
     """
+    if name in PACKAGED_IMAGE_DATASETS or Path(name).expanduser().is_dir():
+        if group_column is not None:
+            raise PeftlabError(f"data.group_column={group_column!r}: {name!r} is an image folder or packaged set, "
+                               f"which has no columns; leave group_column unset")
     if name in PACKAGED_IMAGE_DATASETS:
         splits, source = {"train": PACKAGED_IMAGE_DATASETS[name]()}, name
     else:
-        splits, source = read_image_source(name, image_column, label_column), repr(name)
+        splits, source = read_image_source(name, image_column, label_column, group_column), repr(name)
     return labelled_dataset(
         splits, None, source=source, validation_fraction=validation_fraction, test_fraction=test_fraction,
         split_seed=split_seed, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+        cv_folds=cv_folds, cv_fold=cv_fold,
     )
 
 
-def read_image_source(name: str, image_column: str, label_column: str) -> dict[str, datasets.Dataset]:
+def read_image_source(name: str, image_column: str, label_column: str,
+                      group_column: str | None = None) -> dict[str, datasets.Dataset]:
     """Read a local image folder or a Hub id into {split name: dataset} with `image` (RGB) and `label` columns."""
     path = Path(name).expanduser()
     if path.is_dir():
@@ -86,7 +97,8 @@ def read_image_source(name: str, image_column: str, label_column: str) -> dict[s
     if "/" not in name:
         # A bare word is far more often a typo of a packaged name than a legacy Hub id (which retries ~25 s offline).
         raise unknown_name_error(name, "image", sorted(PACKAGED_IMAGE_DATASETS))
-    splits = select_columns(load_hub_splits(name), {image_column: "image", label_column: "label"}, source=repr(name))
+    splits = select_columns(load_hub_splits(name), {image_column: "image", label_column: "label"}, source=repr(name),
+                            group_column=group_column)
     for split_name, split in splits.items():
         if not isinstance(split.features["image"], datasets.Image):
             raise PeftlabError(f"column {image_column!r} of {name!r} holds {split.features['image']}, not images; "

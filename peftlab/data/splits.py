@@ -1,15 +1,29 @@
-"""What text and image loading share: the `LabelledDataset` result, label encoding, the seeded split and Hub loading."""
+"""What text and image loading share: the `LabelledDataset` result, label encoding, the seeded split and Hub loading.
+
+The split, in order: the source's own train/validation/test splits, missing ones carved out of train (seeded,
+stratified), then the caps (max_train_samples, max_eval_samples). With k-fold cross-validation (`data.cv_folds`,
+`data.cv_fold`) train and validation are then pooled (train rows first, in that order: pool index i is that row) and cut
+into k stratified folds by scikit-learn (StratifiedKFold, or StratifiedGroupKFold with `data.group_column`, shuffled
+with `data.split_seed`); fold i validates, the others train, and the test split is the one a plain run holds out.
+
+A class with fewer pool examples than folds: scikit-learn's splitter warns and some folds then validate without it.
+peftlab does the same, naming the class, since every fold still trains on it (remedy: at most that many folds). A class
+that some fold would train without (one example in the pool, or all in one group) is an error naming it: no model of
+that fold could predict it, as a plain split refuses a validation label that train lacks.
+"""
 
 from __future__ import annotations
 
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 from typing import Sequence
 
 import datasets
 import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from peftlab.errors import PeftlabError
 
@@ -24,11 +38,32 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
+class Folds:
+    """A k-fold cross-validation of the pool (train then validation rows of the plain split, in that order)."""
+
+    k: int
+    fold: int
+    """The fold the dataset's validation split is; the other folds are its train split."""
+    fold_of: np.ndarray
+    """The fold of each pool example, by pool index."""
+    labels: np.ndarray
+    """The class id of each pool example, by pool index."""
+    groups: Optional[list[str]] = None
+    """The group of each pool example (data.group_column), by pool index."""
+
+    def validation_indices(self, fold: int) -> np.ndarray:
+        """Pool indices of the examples fold `fold` validates on, ascending (the order of its validation split)."""
+        return np.flatnonzero(self.fold_of == fold)
+
+
+@dataclass
 class LabelledDataset:
     """Train/validation/test splits with a `label` column of class ids, and the class names in id order."""
 
     splits: datasets.DatasetDict
     label_names: list[str]
+    folds: Optional[Folds] = None
+    """Set under k-fold cross-validation (data.cv_folds): how the pool was cut."""
 
     @property
     def num_labels(self) -> int:
@@ -83,11 +118,25 @@ def rename_splits(found: dict[str, datasets.Dataset], *, source: str) -> dict[st
     return splits
 
 
-def select_columns(splits: dict[str, datasets.Dataset], columns: dict[str, str], *,
-                   source: str) -> dict[str, datasets.Dataset]:
-    """Keep only the source columns in `columns` (source name -> our name), renamed; error naming what exists."""
-    selected = {}
+def select_columns(splits: dict[str, datasets.Dataset], columns: dict[str, str], *, source: str,
+                   group_column: str | None = None) -> dict[str, datasets.Dataset]:
+    """Keep only the source columns in `columns` (source name -> our name), renamed; error naming what exists.
+
+    Args:
+        group_column: also keep this column as `group` in train and validation (the pooled splits of a
+            cross-validation; a test split needs none).
+    """
+    if group_column is not None and group_column in columns:
+        raise PeftlabError(f"data.group_column={group_column!r} is also the {columns[group_column]} column; "
+                           f"name the column that holds the group ids")
+    selected, wanted = {}, columns
     for split_name, split in splits.items():
+        columns = wanted
+        if group_column is not None and split_name != "test":
+            if group_column not in split.column_names:
+                raise PeftlabError(f"{source} ({split_name} split) has no group column {group_column!r}; its columns "
+                                   f"are {', '.join(split.column_names)}: set data.group_column to one of them")
+            columns = {**wanted, group_column: "group"}
         for column in columns:
             if column not in split.column_names:
                 raise PeftlabError(
@@ -207,14 +256,92 @@ def check_label_ids(values: dict[str, list], *, source: str) -> None:
 
 def labelled_dataset(splits: dict[str, datasets.Dataset], label_names: Sequence[str] | None, *, source: str,
                      validation_fraction: float, test_fraction: float, split_seed: int,
-                     max_train_samples: int | None, max_eval_samples: int | None) -> LabelledDataset:
-    """What every loader ends with: drop unlabelled splits, encode labels, carve missing splits, truncate."""
+                     max_train_samples: int | None, max_eval_samples: int | None,
+                     cv_folds: int | None = None, cv_fold: int | None = None) -> LabelledDataset:
+    """What every loader ends with: drop unlabelled splits, encode labels, carve missing splits, truncate, and with
+    `cv_folds` cut the pool into folds (`fold_splits`). A `group` column (data.group_column) is used and dropped."""
     splits, names = encode_labels(drop_unlabelled_splits(splits), label_names, source=source)
     splits = complete_splits(
         splits, validation_fraction=validation_fraction, test_fraction=test_fraction, split_seed=split_seed,
         max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, source=source,
     )
-    return LabelledDataset(splits=splits, label_names=names)
+    folds = None
+    if cv_folds is not None:
+        splits, folds = fold_splits(splits, names, k=cv_folds, fold=cv_fold or 0, seed=split_seed, source=source)
+    # The group ids only decide the folds; the model never sees them (a collator would choke on a string column).
+    splits = datasets.DatasetDict({name: split.remove_columns([c for c in ("group",) if c in split.column_names])
+                                   for name, split in splits.items()})
+    return LabelledDataset(splits=splits, label_names=names, folds=folds)
+
+
+def fold_splits(splits: datasets.DatasetDict, label_names: Sequence[str], *, k: int, fold: int, seed: int,
+                source: str) -> tuple[datasets.DatasetDict, Folds]:
+    """Pool train and validation (in that order), cut the pool into k folds (`assign_folds`): fold `fold` becomes
+    validation, the rest train; test is kept as it is."""
+    parts = [splits["train"], splits["validation"]]
+    grouped = "group" in parts[0].column_names
+    if grouped:  # one type for both files' group ids, so they concatenate and `7` in one equals "7" in the other
+        parts = [part.cast_column("group", datasets.Value("string")) for part in parts]
+    pool = datasets.concatenate_datasets(parts)
+    labels = np.asarray(list(pool["label"]))
+    groups = list(pool["group"]) if grouped else None
+    fold_of = assign_folds(labels, groups, label_names, k=k, seed=seed, source=source)
+    if grouped and "group" in splits["test"].column_names:  # a test split carved from train (test_fraction)
+        shared = set(groups) & {str(group) for group in splits["test"]["group"]}
+        if shared:
+            warnings.warn(f"{len(shared)} group(s) of data.group_column (e.g. {sorted(shared)[0]!r}) have examples "
+                          f"in the test split as well as in the folds: test_fraction carves the test split without "
+                          f"groups; ship a test file to keep groups out of it")
+    folded = datasets.DatasetDict({"train": pool.select(np.flatnonzero(fold_of != fold)),
+                                   "validation": pool.select(np.flatnonzero(fold_of == fold)),
+                                   "test": splits["test"]})
+    return folded, Folds(k=k, fold=fold, fold_of=fold_of, labels=labels, groups=groups)
+
+
+def assign_folds(labels: np.ndarray, groups: Sequence[str | None] | None, label_names: Sequence[str], *, k: int,
+                 seed: int, source: str) -> np.ndarray:
+    """The fold (0..k-1) of each example: scikit-learn's StratifiedKFold, or StratifiedGroupKFold with groups,
+    shuffled with `seed`. Errors before any work for k above the examples (or groups), a missing group id, or a class
+    some fold would train without; warns naming a class with fewer examples than folds (see the module docstring)."""
+    n = len(labels)
+    if k > n:
+        raise PeftlabError(f"data.cv_folds={k} but {source} pools only {n} train and validation examples; use at "
+                           f"most {n} folds")
+    counts = {label_names[label]: int(count) for label, count in zip(*np.unique(labels, return_counts=True))}
+    if max(counts.values()) < k:
+        raise PeftlabError(f"data.cv_folds={k} but every class of {source} has fewer pooled examples than that "
+                           f"(at most {max(counts.values())}); use at most {max(counts.values())} folds")
+    if groups is not None:
+        missing = next((index for index, group in enumerate(groups) if group is None), None)
+        if missing is not None:
+            raise PeftlabError(f"pool example {missing} of {source} has no group id (data.group_column is empty "
+                               f"there); fill in its group or remove the row")
+        if k > len(set(groups)):
+            raise PeftlabError(f"data.cv_folds={k} but {source} has only {len(set(groups))} distinct groups in "
+                               f"data.group_column; use at most {len(set(groups))} folds")
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    else:
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    fold_of = np.empty(n, dtype=np.int64)
+    with warnings.catch_warnings():  # scikit-learn's "least populated class" warning names no class: ours below does
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for fold, (_, validation) in enumerate(splitter.split(np.zeros(n), labels, groups)):
+            fold_of[validation] = fold
+    for fold in range(k):
+        untrained = sorted(set(counts) - {label_names[label] for label in np.unique(labels[fold_of != fold])})
+        if untrained:
+            name = untrained[0]
+            where = "all in one group" if groups is not None and counts[name] > 1 else "only one"
+            raise PeftlabError(f"class {name!r} of {source} has {counts[name]} pooled example(s), {where}, so fold "
+                               f"{fold} would train without it and could never predict it; add examples of it, or "
+                               f"remove or merge the class")
+    few = {name: count for name, count in counts.items() if count < k}
+    if few:
+        shown = ", ".join(f"{name!r} ({count})" for name, count in sorted(few.items(), key=lambda item: item[1])[:5])
+        warnings.warn(f"class(es) {shown} of {source} have fewer pooled examples than data.cv_folds={k}, so some "
+                      f"folds validate without them (every fold still trains on them); use at most "
+                      f"{min(few.values())} folds to have every class in every fold")
+    return fold_of
 
 
 def complete_splits(splits: dict[str, datasets.Dataset], *, validation_fraction: float, test_fraction: float,

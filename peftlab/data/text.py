@@ -47,6 +47,9 @@ def load_text_dataset(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     label_names: Sequence[str] | None = None,
+    cv_folds: int | None = None,
+    cv_fold: int | None = None,
+    group_column: str | None = None,
 ) -> LabelledDataset:
     """Load a packaged name, a local file or folder, or a Hub id as train/validation/test `text` and `label` columns.
 
@@ -60,6 +63,8 @@ def load_text_dataset(
             source has none (seeded by split_seed and stratified by label).
         max_train_samples, max_eval_samples: keep at most this many examples (a seeded shuffle picks which);
             max_eval_samples applies to validation and test alike.
+        cv_folds, cv_fold, group_column: k-fold cross-validation (peftlab.data.splits.fold_splits): train and
+            validation pooled, fold cv_fold validates; groups (a column of the source) stay within one fold.
     """
     if name in PACKAGED_TEXT_DATASETS:
         # Packaged sets come with fixed `text`/`label` columns and class names, whatever the column options say.
@@ -69,12 +74,14 @@ def load_text_dataset(
         text_column, label_column = "text", "label"
     else:
         splits, source = read_text_source(name, label_column), repr(name)
-    splits = select_columns(splits, {text_column: "text", label_column: "label"}, source=source)
+    splits = select_columns(splits, {text_column: "text", label_column: "label"}, source=source,
+                            group_column=group_column)
     for split_name, split in splits.items():
         check_texts(split, source=f"{source} ({split_name} split)")
     return labelled_dataset(
         splits, label_names, source=source, validation_fraction=validation_fraction, test_fraction=test_fraction,
         split_seed=split_seed, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+        cv_folds=cv_folds, cv_fold=cv_fold,
     )
 
 
