@@ -18,9 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peftlab
+from peftlab.backbones import PACKAGED_BACKBONES, packaged_folder
 from peftlab.config import load_config, save_config
 from peftlab.fuse import main as fuse_main
 from peftlab.predict import main as predict_main
+from tests.test_model_card import MINILM_HUB_ID, run_card_lines
 from tests.test_predict import ROOT, TEXT_FAST, run_recipe
 
 TEXTS = ["a gripping, beautifully shot film", "dull and far too long", "fine", "the best thing this year"]
@@ -106,6 +108,37 @@ def test_same_base_under_two_names_is_accepted(vit_bases, tmp_path):
     check_soup(read_ingredients(runs))
 
 
+def test_lora_soup_arithmetic_on_adapters_of_different_ranks(tmp_path):
+    """write_soup on two hand-made peft adapters (r=2 alpha=4, and r=3 alpha=3 with rsLoRA): the concatenated-rank
+    adapter's B·A (scaling 1) is the mean of the runs' scaled B·A, and the head is the mean of the heads."""
+    from peftlab.fuse import Ingredient, write_soup
+    from peftlab.strategies import AppliedStrategy
+
+    generator = torch.Generator().manual_seed(0)
+    key = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_{}.weight"
+    head = "base_model.model.classifier.weight"
+    ingredients, deltas, heads = [], [], []
+    for number, (rank, alpha, rslora) in enumerate([(2, 4, False), (3, 3, True)]):
+        model_dir = tmp_path / f"run{number}" / "model"
+        model_dir.mkdir(parents=True)
+        a, b = torch.randn(rank, 6, generator=generator), torch.randn(5, rank, generator=generator)
+        heads.append(torch.randn(2, 5, generator=generator))
+        save_file({key.format("A"): a, key.format("B"): b, head: heads[-1]}, model_dir / "adapter_model.safetensors")
+        (model_dir / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "use_rslora": rslora}))
+        deltas.append(alpha / (rank ** 0.5 if rslora else rank) * b @ a)
+        spec = AppliedStrategy("lora", {"r": rank, "alpha": alpha, "use_rslora": rslora}, ["classifier"], "mean")
+        ingredients.append(Ingredient(model_dir.parent, None, "text", ["no", "yes"], spec))
+    spec = write_soup(ingredients, [0.5, 0.5], tmp_path / "soup")
+    soup = load_file(tmp_path / "soup/adapter_model.safetensors")
+    config = json.loads((tmp_path / "soup/adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (5, 5, False)
+    assert (spec.options["r"], spec.pooling) == (5, "mean")
+    torch.testing.assert_close(soup[key.format("B")] @ soup[key.format("A")], (deltas[0] + deltas[1]) / 2)
+    assert not torch.allclose(soup[key.format("B")] @ soup[key.format("A")], deltas[0])
+    torch.testing.assert_close(soup[head], (heads[0] + heads[1]) / 2)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Slow: real one-step runs, fused
 # ------------------------------------------------------------------------------------------------------------------
@@ -155,7 +188,12 @@ def test_uniform_lora_soup_is_base_plus_mean_delta(runs, tmp_path):
     metrics = json.loads((tmp_path / "soup/metrics.json").read_text())
     assert metrics["inference_cost"] == 1 and metrics["fusion"]["weight_average"] == "exact"
     assert [i["weight"] for i in metrics["fusion"]["ingredients"]] == [0.5, 0.5]
-    assert "### Ingredients" in (tmp_path / "soup/README.md").read_text()
+    card = (tmp_path / "soup/README.md").read_text()
+    assert "### Ingredients" in card and "| Fusion | uniform-soup of 2 of 2 runs" in card
+    # The soup is a plain peft adapter (rank 16 = 8 + 8): the card's transformers + peft lines reproduce it
+    vanilla = run_card_lines(card, {repr(MINILM_HUB_ID): repr(packaged_folder("minilm", PACKAGED_BACKBONES["minilm"])),
+                                    'texts = ["a gripping, beautifully shot film"]': f"texts = {json.dumps(TEXTS)}"})
+    torch.testing.assert_close(vanilla, soup.probabilities(TEXTS), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
