@@ -15,6 +15,9 @@ Methods (Wortsman et al. 2022, "Model soups", arXiv 2203.05482):
     LoRA: the weight changes (alpha/r)·B·A are averaged exactly, as one peft adapter of concatenated rank (peft's
       `cat` combination): A = [A_1; ...; A_k], B = [s_1 B_1 / k, ..., s_k B_k / k], rank sum(r_i), scaling 1, so
       B·A = mean_i s_i B_i A_i (averaging A and B separately would not be the mean of their products); heads averaged;
+      Or, with --lora-combination, through peft's `add_weighted_adapter` (heads averaged apart, since peft refuses
+      adapters that each carry a head): svd (exact at the full, concatenated rank), or linear, TIES, DARE and
+      magnitude pruning (approximate; --density sets the fraction kept);
     bottleneck adapters: their weights are averaged directly, an approximation (the adapter is non-linear, so the
       mean of the weights is not the mean of the weight changes of any folded model).
   Mean pooling is kept as the runs had it (the soup is saved in the strategy's own format, not merged).
@@ -56,6 +59,12 @@ from peftlab.saving import STRATEGY_FILE, read_strategy
 from peftlab.strategies import AppliedStrategy, Merge, SaveFormat
 
 METHODS = ("ensemble", "uniform-soup", "greedy-soup")
+# How a LoRA soup combines the runs' updates: `cat` is peftlab's own (exact, heads averaged); the others go through
+# peft's `add_weighted_adapter`. Exact: cat, and the SVD variants at full rank (the sum of the ranks, as used here)
+# before any pruning; approximate: linear (mixes A and B separately), TIES, DARE and magnitude pruning.
+LORA_COMBINATIONS = ("cat", "svd", "linear", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                     "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+EXACT_LORA_COMBINATIONS = ("cat", "svd")
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 MEMBERS_SUBDIR = "members"
 MEMBER_FILES = (CONFIG_FILE, METRICS_FILE, "README.md")  # beside model/: what a member folder keeps of its run
@@ -175,13 +184,23 @@ def lora_scaling(config: dict[str, Any]) -> float:
     return config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
 
 
-def write_soup(ingredients: list[Ingredient], weights: list[float], model_dir: Path) -> AppliedStrategy:
+def write_soup(ingredients: list[Ingredient], weights: list[float], model_dir: Path, lora_combination: str = "cat",
+               density: float = 0.5) -> AppliedStrategy:
     """Write the weighted average of the ingredients' trained weights as a saved model folder (the first
-    ingredient's, with its tokenizer or image settings); returns the soup's strategy spec."""
+    ingredient's, with its tokenizer or image settings); returns the soup's strategy spec.
+
+    Args:
+        lora_combination, density: for LoRA runs, one of LORA_COMBINATIONS, and the fraction of each update that
+            TIES/DARE/magnitude pruning keep.
+    """
     first = ingredients[0]
     shutil.copytree(first.model_dir, model_dir, dirs_exist_ok=True)
     spec = first.spec
-    if spec.record.save_format is SaveFormat.PEFT_ADAPTER:
+    if spec.record.save_format is SaveFormat.PEFT_ADAPTER and lora_combination != "cat":
+        rank, alpha = write_peft_combination(ingredients, weights, model_dir, lora_combination, density)
+        spec = AppliedStrategy(spec.name, {**spec.options, "r": rank, "alpha": alpha, "use_rslora": False},
+                               spec.head_modules, spec.pooling)
+    elif spec.record.save_format is SaveFormat.PEFT_ADAPTER:
         configs = [json.loads((i.model_dir / ADAPTER_CONFIG).read_text()) for i in ingredients]
         states = [load_file(i.model_dir / ADAPTER_WEIGHTS) for i in ingredients]
         soup = {}
@@ -207,6 +226,47 @@ def write_soup(ingredients: list[Ingredient], weights: list[float], model_dir: P
                       model_dir / path.name, metadata={"format": "pt"})
     (model_dir / STRATEGY_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
     return spec
+
+
+def write_peft_combination(ingredients: list[Ingredient], weights: list[float], model_dir: Path,
+                           combination: str, density: float) -> tuple[int, int]:
+    """Combine the ingredients' LoRA updates with peft's `add_weighted_adapter` into `model_dir`'s adapter, the
+    heads averaged apart (peft refuses adapters that each carry a head in `modules_to_save`, peft PR #1615);
+    returns the new adapter's (r, lora_alpha)."""
+    from peft import PeftModel
+
+    from peftlab.backbones import load_base
+
+    first = ingredients[0]
+    states = [load_file(i.model_dir / ADAPTER_WEIGHTS) for i in ingredients]
+    configs = [json.loads((i.model_dir / ADAPTER_CONFIG).read_text()) for i in ingredients]
+    heads = {key: average([state[key] for state in states], weights) for key in states[0] if ".lora_" not in key}
+    with tempfile.TemporaryDirectory(prefix="peftlab_lora_") as folder:
+        names = [f"run{number}" for number in range(len(ingredients))]
+        for name, state, config in zip(names, states, configs):  # each adapter without its head
+            (Path(folder) / name).mkdir()
+            save_file({k: v for k, v in state.items() if k not in heads}, Path(folder) / name / ADAPTER_WEIGHTS)
+            # task_type None too: peft's sequence-classification wrapper would add the head back
+            (Path(folder) / name / ADAPTER_CONFIG).write_text(json.dumps({**config, "modules_to_save": None,
+                                                                          "task_type": None}))
+        base = load_base(first.cfg.model, task=first.task, label_names=first.label_names).model
+        model = PeftModel.from_pretrained(base, Path(folder) / names[0], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(Path(folder) / name, adapter_name=name)
+        torch.manual_seed(0)  # DARE drops entries at random: the same soup every time
+        full_rank = sum(config["r"] for config in configs)  # SVD at the concatenated rank keeps the sum exact
+        model.add_weighted_adapter(names, weights, "soup", combination_type=combination, svd_rank=full_rank,
+                                   density=None if combination in ("svd", "linear") else density)
+        model.save_pretrained(Path(folder) / "out", selected_adapters=["soup"])
+        soup_dir = next(p.parent for p in (Path(folder) / "out").rglob(ADAPTER_CONFIG))
+        soup_config = json.loads((soup_dir / ADAPTER_CONFIG).read_text())
+        soup = load_file(soup_dir / ADAPTER_WEIGHTS)
+    rank, alpha = soup_config["r"], soup_config["lora_alpha"]
+    (model_dir / ADAPTER_CONFIG).write_text(json.dumps({**configs[0], "r": rank, "lora_alpha": alpha,
+                                                        "use_rslora": soup_config.get("use_rslora", False)},
+                                                       indent=2, sort_keys=True) + "\n")
+    save_file({**soup, **heads}, model_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    return rank, alpha
 
 
 def average(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -259,9 +319,16 @@ def greedy_order(ingredients: list[Ingredient], accuracies: list[float]) -> list
 
 
 def fuse(run_dirs: list[str | Path], method: str, output_dir: str | Path, *, combine: str = "probabilities",
-         overwrite: bool = False, batch_size: int = 64) -> dict[str, Any]:
+         lora_combination: str = "cat", density: float = 0.5, overwrite: bool = False,
+         batch_size: int = 64) -> dict[str, Any]:
     """Fuse the runs in `run_dirs` into a run folder at `output_dir` (see the module docstring); returns its
-    metrics.json content."""
+    metrics.json content.
+
+    Args:
+        combine: what an ensemble averages, probabilities or logits.
+        lora_combination, density: how a LoRA soup combines the updates (LORA_COMBINATIONS) and what fraction
+            TIES/DARE/magnitude pruning keep.
+    """
     from peftlab.metrics import scalar_metrics
 
     if method not in METHODS:
@@ -270,7 +337,15 @@ def fuse(run_dirs: list[str | Path], method: str, output_dir: str | Path, *, com
         raise PeftlabError(f"unknown --combine {combine!r}; choose one of {', '.join(COMBINES)}")
     if combine != "probabilities" and method != "ensemble":
         raise PeftlabError(f"--combine applies to ensembles only; a {method} averages weights")
+    if lora_combination not in LORA_COMBINATIONS:
+        raise PeftlabError(f"unknown --lora-combination {lora_combination!r}; choose one of "
+                           f"{', '.join(LORA_COMBINATIONS)}")
+    if not 0 < density <= 1:
+        raise PeftlabError(f"--density {density} must be in (0, 1]: the fraction of each update kept")
     ingredients = read_ingredients(run_dirs)
+    if lora_combination != "cat" and (method == "ensemble" or ingredients[0].spec.record.save_format
+                                      is not SaveFormat.PEFT_ADAPTER):
+        raise PeftlabError(f"--lora-combination {lora_combination} applies to soups of LoRA runs only")
     state = run_folder.check_output_dir(output_dir, resume_from=None, overwrite=overwrite)
     if method != "ensemble":
         check_soup(ingredients)
@@ -287,7 +362,8 @@ def fuse(run_dirs: list[str | Path], method: str, output_dir: str | Path, *, com
             with tempfile.TemporaryDirectory(prefix="peftlab_soup_") as folder:
                 trial = chosen + [candidate]
                 soup_dir = Path(folder) / "soup"
-                write_soup([ingredients[i] for i in trial], [1 / len(trial)] * len(trial), soup_dir / MODEL_SUBDIR)
+                write_soup([ingredients[i] for i in trial], [1 / len(trial)] * len(trial), soup_dir / MODEL_SUBDIR,
+                           lora_combination, density)
                 save_config(ingredients[0].cfg, soup_dir / CONFIG_FILE)
                 accuracy = scorer.score(load(soup_dir), "validation")["accuracy"]
             print(f"greedy soup: + {ingredients[candidate].run_dir} -> validation accuracy {accuracy:.4f} "
@@ -304,20 +380,25 @@ def fuse(run_dirs: list[str | Path], method: str, output_dir: str | Path, *, com
             spec = None
         else:
             spec = write_soup([ingredients[i] for i in chosen], [weights[i] for i in chosen],
-                              output_dir / MODEL_SUBDIR)
+                              output_dir / MODEL_SUBDIR, lora_combination, density)
             cfg = soup_config(cfg, ingredients[0].spec, spec)
         cfg = dataclasses.replace(cfg, output_dir=str(output_dir))
         save_config(cfg, output_dir / CONFIG_FILE)
         fused = load(output_dir)
         metrics = {split: scorer.score(fused, split) for split in ("validation", "test")}
-        exact = spec is None or spec.record.merge is not Merge.NOT_FOLDABLE
+        approximation = None if spec is None else (
+            "bottleneck adapters are non-linear, their weights are averaged directly"
+            if spec.record.merge is Merge.NOT_FOLDABLE else
+            f"peft's {lora_combination} combination of the LoRA updates"
+            if spec.record.save_format is SaveFormat.PEFT_ADAPTER
+            and lora_combination not in EXACT_LORA_COMBINATIONS else None)
         metrics |= {
             "inference_cost": len(ingredients) if method == "ensemble" else 1,
             "fusion": {
                 "method": method, "combine": combine if method == "ensemble" else None,
                 "weight_average": None if method == "ensemble" else (
-                    "exact" if exact else "approximate: bottleneck adapters are non-linear, their weights are "
-                                          "averaged directly"),
+                    f"approximate: {approximation}" if approximation else "exact"),
+                "lora_combination": lora_combination if spec is not None and spec.name == "lora" else None,
                 "scored_on": f"{cfg.data.name} validation and test splits, fp32, by peftlab fuse",
                 "ingredients": [{"run": str(ingredient.run_dir), "strategy": ingredient.spec.name,
                                  "weight": weight, "validation": scalar_metrics(score["validation"]),
@@ -375,12 +456,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="the fused run folder to write")
     parser.add_argument("--combine", default="probabilities", choices=COMBINES,
                         help="what an ensemble averages (default: probabilities)")
+    parser.add_argument("--lora-combination", default="cat", choices=LORA_COMBINATIONS, metavar="COMBINATION",
+                        help="how a LoRA soup combines the updates: cat (default, exact), svd (exact at full "
+                             "rank), or peft's approximate linear, ties, dare_linear, dare_ties, magnitude_prune "
+                             "(and their _svd forms)")
+    parser.add_argument("--density", type=float, default=0.5,
+                        help="the fraction of each LoRA update that TIES/DARE/magnitude pruning keep (default: 0.5)")
     parser.add_argument("--overwrite", action="store_true", help="move a finished run in --output aside first")
     parser.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass when scoring")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and third-party notices")
     args = parser.parse_args(argv)
     try:
-        metrics = fuse(args.run_dirs, args.method, args.output, combine=args.combine, overwrite=args.overwrite,
+        metrics = fuse(args.run_dirs, args.method, args.output, combine=args.combine,
+                       lora_combination=args.lora_combination, density=args.density, overwrite=args.overwrite,
                        batch_size=args.batch_size)
     except PeftlabError as err:
         if args.debug:

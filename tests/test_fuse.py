@@ -96,6 +96,14 @@ def test_refusals_are_one_line_and_write_nothing(case, vit_bases, tmp_path):
     assert not (tmp_path / "fused").exists()
 
 
+def test_lora_combination_is_refused_for_other_strategies(vit_bases, tmp_path):
+    runs = [fake_run(tmp_path / name, str(vit_bases["a"])) for name in ("first", "second")]
+    code, errors = fuse_cli([*runs, "--method", "uniform-soup", "--lora-combination", "ties", "--output",
+                             tmp_path / "fused"])
+    assert code == 2 and len(errors) == 1 and "applies to soups of LoRA runs only" in errors[0], errors
+    assert not (tmp_path / "fused").exists()
+
+
 def test_same_base_under_two_names_is_accepted(vit_bases, tmp_path):
     """The base check compares weights, not names: a copy of the base folder is the same base."""
     from peftlab.fuse import check_soup, read_ingredients
@@ -194,6 +202,25 @@ def test_uniform_lora_soup_is_base_plus_mean_delta(runs, tmp_path):
     vanilla = run_card_lines(card, {repr(MINILM_HUB_ID): repr(packaged_folder("minilm", PACKAGED_BACKBONES["minilm"])),
                                     'texts = ["a gripping, beautifully shot film"]': f"texts = {json.dumps(TEXTS)}"})
     torch.testing.assert_close(vanilla, soup.probabilities(TEXTS), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_peft_combinations_with_heads_averaged_apart(runs, tmp_path):
+    """peft's add_weighted_adapter with heads that peft alone refuses: svd at full rank is exact, ties approximate."""
+    members = [peftlab.load(runs["lora_a"]), peftlab.load(runs["lora_b"])]
+    member_layers = [lora_layers(m.model) for m in members]
+    svd = peftlab.load(fused(runs, ["lora_a", "lora_b"], "uniform-soup", tmp_path / "svd", "--lora-combination", "svd"))
+    for name, layer in lora_layers(svd.model).items():
+        mean_delta = sum(m[name].get_delta_weight("default") for m in member_layers) / 2
+        torch.testing.assert_close(layer.get_delta_weight("default"), mean_delta, atol=1e-5, rtol=0)
+    heads = [dict(m.model.named_parameters()) for m in (svd, *members)]
+    for name in [n for n in heads[0] if ".modules_to_save." in n]:
+        torch.testing.assert_close(heads[0][name], (heads[1][name] + heads[2][name]) / 2, atol=1e-6, rtol=0)
+    assert json.loads((tmp_path / "svd/metrics.json").read_text())["fusion"]["weight_average"] == "exact"
+    ties = fused(runs, ["lora_a", "lora_b"], "uniform-soup", tmp_path / "ties", "--lora-combination", "ties")
+    fusion = json.loads((ties / "metrics.json").read_text())["fusion"]
+    assert fusion["weight_average"].startswith("approximate") and fusion["lora_combination"] == "ties"
+    torch.testing.assert_close(peftlab.load(ties).probabilities(TEXTS).sum(-1), torch.ones(len(TEXTS)))
 
 
 @pytest.mark.slow
