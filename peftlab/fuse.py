@@ -26,11 +26,16 @@ Methods (Wortsman et al. 2022, "Model soups", arXiv 2203.05482):
   accuracies are the ones scored here (the runs' metrics.json values up to the precision they were scored in), so
   the soup and its ingredients are compared on the same footing.
 
+A RUN_DIR holding run folders rather than being one (a `peftlab cv` output with its fold-<i>/ runs) stands for
+its runs. Folds validate on different parts of the data, so they make uniform soups and ensembles (the note in
+metrics.json says their validation scores are not all held out; the test split is) but not greedy soups.
+
 Every ingredient and the fusion are scored here, in fp32, on the validation and test splits of the first run's
 recipe (`load_data(cfg.data)` with each run's own preprocessing); metrics.json holds all of them and
 `inference_cost` (forward passes per prediction). Runs that cannot be fused are refused in one line before any work:
-fewer than two, different label names, and for soups different strategies, pooling, architectures or base weights
-(a hash of the base's tensors, not its name), or a quantized base (its weights are not plain floats to average).
+fewer than two, different label names, a greedy soup of runs validated on different splits, and for soups different
+strategies, pooling, architectures or base weights (a hash of the base's tensors, not its name), or a quantized base
+(its weights are not plain floats to average).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -54,7 +60,7 @@ from peftlab import run_folder
 from peftlab.config import RecipeConfig, save_config
 from peftlab.errors import PeftlabError
 from peftlab.loading import COMBINES, FUSION_FILE, LoadedRun, load, read_run_info
-from peftlab.runs import CONFIG_FILE, METRICS_FILE, MODEL_SUBDIR
+from peftlab.runs import CONFIG_FILE, METRICS_FILE, MODEL_SUBDIR, TASK_FILE
 from peftlab.saving import STRATEGY_FILE, read_strategy
 from peftlab.strategies import AppliedStrategy, Merge, SaveFormat
 
@@ -85,8 +91,32 @@ class Ingredient:
         return self.run_dir / MODEL_SUBDIR
 
 
+def expand_run_dirs(run_dirs: list[str | Path]) -> list[Path]:
+    """The run folders named, a folder of run folders (a `peftlab cv` output's fold-<i>/) standing for its runs."""
+    expanded = []
+    for run_dir in map(Path, run_dirs):
+        inside = [p for p in run_dir.iterdir() if (p / MODEL_SUBDIR / TASK_FILE).is_file()] \
+            if run_dir.is_dir() and not (run_dir / MODEL_SUBDIR).is_dir() else []
+        expanded += sorted(inside, key=natural_order) or [run_dir]
+    return expanded
+
+
+def natural_order(path: Path) -> list:
+    """Sort key putting fold-2 before fold-10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def split_settings(ingredient: Ingredient) -> dict[str, Any]:
+    """The data settings that decide the validation and test splits (not the preprocessing or the training subset)."""
+    settings = dataclasses.asdict(ingredient.cfg.data)
+    for preprocessing in ("max_length", "image_size", "augment", "max_train_samples"):
+        settings.pop(preprocessing, None)
+    return settings
+
+
 def read_ingredients(run_dirs: list[str | Path]) -> list[Ingredient]:
     """The runs to fuse; one-line errors for fewer than two, a folder that is no finished run, or different labels."""
+    run_dirs = expand_run_dirs(run_dirs)
     if len(run_dirs) < 2:
         raise PeftlabError(f"fusing needs at least two run folders, got {len(run_dirs)}")
     ingredients = []
@@ -289,7 +319,7 @@ def write_ensemble(ingredients: list[Ingredient], weights: list[float], output_d
         members.append(member.as_posix())
     model_dir = output_dir / MODEL_SUBDIR
     model_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(ingredients[0].model_dir / "task.json", model_dir / "task.json")
+    shutil.copy2(ingredients[0].model_dir / TASK_FILE, model_dir / TASK_FILE)
     (model_dir / FUSION_FILE).write_text(json.dumps({"method": "ensemble", "combine": combine, "members": members,
                                                      "weights": weights}, indent=2) + "\n")
 
@@ -347,6 +377,19 @@ def fuse(run_dirs: list[str | Path], method: str, output_dir: str | Path, *, com
                                       is not SaveFormat.PEFT_ADAPTER):
         raise PeftlabError(f"--lora-combination {lora_combination} applies to soups of LoRA runs only")
     state = run_folder.check_output_dir(output_dir, resume_from=None, overwrite=overwrite)
+    other_splits = [str(i.run_dir) for i in ingredients if split_settings(i) != split_settings(ingredients[0])]
+    note = None
+    if other_splits:
+        # Cross-validation folds validate on different parts of the pool: fold 0's validation split is training data
+        # of the others, so only the test split is held out for every ingredient.
+        if method == "greedy-soup":
+            raise PeftlabError(f"{other_splits[0]} was validated on other data than {ingredients[0].run_dir} (its data "
+                               f"settings differ, e.g. another cross-validation fold), so greedy-soup has no common "
+                               f"validation split to choose by; use uniform-soup or ensemble")
+        note = (f"validation scores use {ingredients[0].run_dir}'s validation split, which {len(other_splits)} "
+                f"ingredient(s) validated or trained on differently (e.g. other cross-validation folds); the test "
+                f"split is held out for all")
+        print(f"note: {note}", file=sys.stderr)
     if method != "ensemble":
         check_soup(ingredients)
 
@@ -400,6 +443,7 @@ def fuse(run_dirs: list[str | Path], method: str, output_dir: str | Path, *, com
                     f"approximate: {approximation}" if approximation else "exact"),
                 "lora_combination": lora_combination if spec is not None and spec.name == "lora" else None,
                 "scored_on": f"{cfg.data.name} validation and test splits, fp32, by peftlab fuse",
+                "note": note,
                 "ingredients": [{"run": str(ingredient.run_dir), "strategy": ingredient.spec.name,
                                  "weight": weight, "validation": scalar_metrics(score["validation"]),
                                  "test": scalar_metrics(score["test"])}

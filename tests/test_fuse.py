@@ -104,6 +104,20 @@ def test_lora_combination_is_refused_for_other_strategies(vit_bases, tmp_path):
     assert not (tmp_path / "fused").exists()
 
 
+def test_folder_of_runs_stands_for_them_and_greedy_needs_one_validation_split(vit_bases, tmp_path):
+    """A cross-validation output (fold-<i>/ run folders) expands to its folds in fold order; folds validate on
+    different splits, so a greedy soup of them is refused."""
+    from peftlab.fuse import expand_run_dirs
+
+    for fold in (10, 2):
+        fake_run(tmp_path / "cv" / f"fold-{fold}", str(vit_bases["a"]), overrides=(f"data.split_seed={fold}",))
+    (tmp_path / "cv" / "logs").mkdir()
+    assert expand_run_dirs([tmp_path / "cv"]) == [tmp_path / "cv/fold-2", tmp_path / "cv/fold-10"]
+    code, errors = fuse_cli([tmp_path / "cv", "--method", "greedy-soup", "--output", tmp_path / "fused"])
+    assert code == 2 and len(errors) == 1 and "greedy-soup has no common validation split" in errors[0], errors
+    assert not (tmp_path / "fused").exists()
+
+
 def test_same_base_under_two_names_is_accepted(vit_bases, tmp_path):
     """The base check compares weights, not names: a copy of the base folder is the same base."""
     from peftlab.fuse import check_soup, read_ingredients
