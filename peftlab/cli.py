@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("peftlab.serve", "serve a run over HTTP (FastAPI): /predict, /metadata, /health and a page to try it"),
     "tune": ("peftlab.tune", "search a recipe's hyper-parameters with Optuna, on one machine or many"),
     "cv": ("peftlab.cv", "k-fold cross-validation of a recipe: a run per fold, out-of-fold predictions, mean ± std"),
+    "fuse": ("peftlab.fuse", "ensemble or average (model soup) fine-tuned runs into one run folder"),
 }
 
 

@@ -7,7 +7,9 @@
     run.model, run.backbone.tokenizer                    # the model in eval mode and its preprocessing
 
 Every strategy and both tasks: the base named in the run's config.yaml is loaded as the recipe loaded it
-(`peftlab.backbones.load_base`) and what trained goes on top (`peftlab.saving.load_trained`).
+(`peftlab.backbones.load_base`) and what trained goes on top (`peftlab.saving.load_trained`). A folder written by
+`peftlab fuse --method ensemble` (its model/ holds FUSION_FILE naming member run folders) loads as an `EnsembleRun`:
+the same interface, each member labelling the inputs with its own preprocessing and the predictions averaged.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from peftlab.backbones import load_base
 from peftlab.config import load_config
@@ -27,11 +30,32 @@ from peftlab.errors import PeftlabError
 from peftlab.runs import CONFIG_FILE, MODEL_SUBDIR, TASK_FILE
 from peftlab.saving import load_trained
 
+FUSION_FILE = "fusion.json"
+"""In an ensemble's model/: {"method": "ensemble", "combine": "probabilities"|"logits", "members": [run folders
+relative to the ensemble's folder], "weights": [one per member, summing to 1]}."""
+COMBINES = ("probabilities", "logits")
+
 
 def load(run_dir: str | Path) -> "LoadedRun":
-    """The run in `run_dir` (a recipe's output_dir) ready to label inputs; one-line PeftlabError for a folder that is
-    not a finished run or is damaged."""
+    """The run in `run_dir` (a recipe's output_dir, or a `peftlab fuse` output) ready to label inputs; one-line
+    PeftlabError for a folder that is not a finished run or is damaged."""
+    if (Path(run_dir) / MODEL_SUBDIR / FUSION_FILE).is_file():
+        return EnsembleRun(run_dir)
     return LoadedRun(run_dir)
+
+
+def read_run_info(run_dir: str | Path) -> tuple:
+    """(config, task, label names) of a finished run folder, read without loading any weights."""
+    run_dir = Path(run_dir)
+    model_dir = run_dir / MODEL_SUBDIR
+    if not (model_dir / TASK_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
+        raise PeftlabError(f"{run_dir} is not a finished peftlab run (no {CONFIG_FILE} or "
+                           f"{MODEL_SUBDIR}/{TASK_FILE})")
+    cfg = load_config(str(run_dir / CONFIG_FILE))
+    info = read_json(model_dir / TASK_FILE)
+    if not isinstance(info, dict) or info.get("task") not in ("text", "image") or not info.get("label_names"):
+        raise damaged(model_dir / TASK_FILE, "no task and label_names")
+    return cfg, info["task"], info["label_names"]
 
 
 class LoadedRun:
@@ -39,18 +63,11 @@ class LoadedRun:
     and label names. Build it with `peftlab.load(run_dir)`."""
 
     def __init__(self, run_dir: str | Path):
-        run_dir = Path(run_dir)
+        self.run_dir = run_dir = Path(run_dir)
         model_dir = run_dir / MODEL_SUBDIR
-        if not (model_dir / TASK_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
-            raise PeftlabError(f"{run_dir} is not a finished peftlab run (no {CONFIG_FILE} or "
-                               f"{MODEL_SUBDIR}/{TASK_FILE})")
-        self.run_dir = run_dir
-        check_saved_files(model_dir)
-        self.cfg = load_config(str(run_dir / CONFIG_FILE))
-        info = json.loads((model_dir / TASK_FILE).read_text())
-        if not isinstance(info, dict) or info.get("task") not in ("text", "image") or not info.get("label_names"):
-            raise damaged(model_dir / TASK_FILE, "no task and label_names")
-        self.task, self.label_names = info["task"], info["label_names"]
+        if (model_dir / TASK_FILE).is_file():  # damaged files are named before a broken config.yaml is
+            check_saved_files(model_dir)
+        self.cfg, self.task, self.label_names = read_run_info(run_dir)
         backbone = load_base(self.cfg.model, task=self.task, label_names=self.label_names)
         self.backbone = backbone
         try:
@@ -101,20 +118,70 @@ class LoadedRun:
                                f"paths of existing image files")
         return open_image_file(path)
 
+    def probabilities_in_batches(self, inputs: list, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """`probabilities(inputs)` computed `batch_size` inputs at a time (with a progress bar on stderr when
+        `progress` and there is more than one batch)."""
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(inputs), batch_size)
+        chunks = [self.probabilities(inputs[start:start + batch_size])
+                  for start in tqdm(starts, desc="predict", unit="batch", disable=not progress or len(starts) < 2)]
+        return torch.cat(chunks) if chunks else torch.empty(0, len(self.label_names))
+
     def predict(self, inputs: list, batch_size: int = 64, progress: bool = False) -> list[dict]:
         """One {"input", "label", "score", "probabilities": {label name: probability}} dict per input, labelled in
         batches of `batch_size` (with a progress bar on stderr when `progress` and there is more than one batch)."""
-        from tqdm.auto import tqdm
-
         results = []
-        starts = range(0, len(inputs), batch_size)
-        for start in tqdm(starts, desc="predict", unit="batch", disable=not progress or len(starts) < 2):
-            chunk = inputs[start:start + batch_size]
-            for item, row in zip(chunk, self.probabilities(chunk).tolist()):
-                best = max(range(len(row)), key=row.__getitem__)
-                results.append({"input": str(item), "label": self.label_names[best], "score": round(row[best], 4),
-                                "probabilities": {name: round(p, 6) for name, p in zip(self.label_names, row)}})
+        for item, row in zip(inputs, self.probabilities_in_batches(inputs, batch_size, progress).tolist()):
+            best = max(range(len(row)), key=row.__getitem__)
+            results.append({"input": str(item), "label": self.label_names[best], "score": round(row[best], 4),
+                            "probabilities": {name: round(p, 6) for name, p in zip(self.label_names, row)}})
         return results
+
+
+class EnsembleRun(LoadedRun):
+    """An ensemble written by `peftlab fuse --method ensemble`: every member (a LoadedRun, in `.members`) labels the
+    inputs with its own preprocessing, and the ensemble averages their probabilities (or their logits, as
+    FUSION_FILE's `combine` says) with the member weights. `.model` holds the members' models (eval mode);
+    `.backbone` is None, since the members may preprocess differently."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = run_dir = Path(run_dir)
+        self.cfg, self.task, self.label_names = read_run_info(run_dir)
+        path = run_dir / MODEL_SUBDIR / FUSION_FILE
+        fusion = read_json(path)
+        if (not isinstance(fusion, dict) or fusion.get("combine") not in COMBINES or not fusion.get("members")
+                or len(fusion.get("weights", [])) != len(fusion["members"])):
+            raise damaged(path, "no combine, members and one weight per member")
+        self.combine, self.weights = fusion["combine"], [float(w) for w in fusion["weights"]]
+        self.members = [LoadedRun(run_dir / member) for member in fusion["members"]]
+        for member in self.members:
+            if member.label_names != self.label_names:
+                raise damaged(path, f"member {member.run_dir} has labels {member.label_names}, not "
+                                    f"{self.label_names}")
+        self.model = nn.ModuleList(member.model for member in self.members).eval()
+        self.backbone = None
+
+    def preprocess(self, inputs: list) -> dict[str, torch.Tensor]:
+        raise PeftlabError(f"{self.run_dir} is an ensemble whose members preprocess inputs their own way; call "
+                           f"its probabilities(inputs), or preprocess with one of its .members")
+
+    def weighted_sum(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        return sum(weight * output for weight, output in zip(self.weights, outputs))
+
+    @torch.no_grad()
+    def logits(self, inputs: list) -> torch.Tensor:
+        """The weighted mean of the members' logits (combine=logits), or the log of the mean probabilities, so that
+        softmax(logits) is the ensemble's probabilities either way."""
+        if self.combine == "logits":
+            return self.weighted_sum([member.logits(inputs) for member in self.members])
+        return self.probabilities(inputs).log()
+
+    def probabilities(self, inputs: list) -> torch.Tensor:
+        """The weighted mean of the members' probabilities (combine=probabilities), else softmax of the mean logits."""
+        if self.combine == "logits":
+            return self.logits(inputs).softmax(dim=-1)
+        return self.weighted_sum([member.probabilities(inputs) for member in self.members])
 
 
 def check_saved_files(model_dir: Path) -> None:
@@ -124,16 +191,21 @@ def check_saved_files(model_dir: Path) -> None:
         raise PeftlabError(f"{model_dir} holds no weights file (*.safetensors); the run folder is incomplete: "
                            f"restore it from a copy or train the run again")
     for path in sorted(model_dir.glob("*.json")):
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise damaged(path, first_line(err)) from err
+        read_json(path)
     for path in sorted(model_dir.glob("*.safetensors")):
         try:
             with safe_open(path, framework="pt") as weights:
                 weights.keys()  # opening checks that the header parses and that the data covers what it lists
         except (OSError, SafetensorError) as err:
             raise damaged(path, first_line(err)) from err
+
+
+def read_json(path: Path):
+    """The parsed content of a run folder's JSON file, or the one-line error for a damaged one."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise damaged(path, first_line(err)) from err
 
 
 def damaged(path: Path, reason: str) -> PeftlabError:

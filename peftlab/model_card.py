@@ -8,6 +8,8 @@ How to load it, in each way that reproduces the run's predictions exactly:
   (on the default run that is chance accuracy), so the card says so first and its lines add the pooling in five
   lines of torch. `tests/test_model_card.py` runs these lines and compares their logits with `peftlab.load`'s.
 - bottleneck adapters (peftlab's own modules) and plain-torch backbones (EfficientNet-Lite) need peftlab: said plainly.
+A run folder written by `peftlab fuse` (metrics.json has `fusion`) lists its ingredients and weights: a soup gets the
+card of its strategy, an ensemble `ensemble_card` (only peftlab runs an ensemble).
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ def model_card(cfg, task: str, metrics: dict[str, Any], counts: ParameterCount, 
         + f"| Data | `{cfg.data.name}` |\n"
         f"| Labels | {', '.join(f'`{name}`' for name in label_names)} |\n"
         f"| Parameters | {counts} |\n"
-        f"| Training | {metrics.get('global_step', 0)} steps, {metrics.get('train_time_s', 0):.0f} s, "
-        f"{metrics.get('samples_per_s', 0):.1f} samples/s |",
-        "## Results\n\n" + results_table(metrics) + "\n\n" + confusion_table(metrics.get("test", {}), label_names),
+        + (fusion_row(metrics) if "fusion" in metrics else
+           f"| Training | {metrics.get('global_step', 0)} steps, {metrics.get('train_time_s', 0):.0f} s, "
+           f"{metrics.get('samples_per_s', 0):.1f} samples/s |"),
+        "## Results\n\n" + results_table(metrics) + "\n\n" + confusion_table(metrics.get("test", {}), label_names)
+        + ingredients_section(metrics),
         "## Load it\n\n### With peftlab\n\n" + PEFTLAB_LINES.format(folder=folder, example=example,
                                                                   shell_example=example.replace('"', "'")),
         "### With transformers and peft alone\n\n" + vanilla,
@@ -68,6 +72,46 @@ def model_card(cfg, task: str, metrics: dict[str, Any], counts: ParameterCount, 
         f"output_dir=NEW_FOLDER`.",
     ]
     return "\n\n".join(sections) + "\n"
+
+
+def ensemble_card(cfg, task: str, metrics: dict[str, Any], label_names: list[str], folder: str = ".") -> str:
+    """The Markdown card of an ensemble written by `peftlab fuse`: its members, results, and how to load it."""
+    example = '"a gripping, beautifully shot film"' if task == "text" else '"cat.png"'
+    members = metrics["fusion"]["ingredients"]
+    sections = [
+        f"---\nlibrary_name: peftlab\npipeline_tag: {task}-classification\n"
+        f"tags: [peftlab, ensemble, {task}-classification]\n---",
+        f"# Ensemble of {len(members)} peftlab runs on {cfg.data.name}",
+        "| | |\n|---|---|\n" + f"| Labels | {', '.join(f'`{name}`' for name in label_names)} |\n" + fusion_row(metrics),
+        "## Results\n\n" + results_table(metrics) + "\n\n" + confusion_table(metrics.get("test", {}), label_names)
+        + ingredients_section(metrics),
+        "## Load it\n\n" + PEFTLAB_LINES.format(folder=folder, example=example,
+                                                shell_example=example.replace('"', "'")),
+        "Only peftlab runs the ensemble; each member folder under `members/` is a run folder of its own, with its "
+        "card.",
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def fusion_row(metrics: dict[str, Any]) -> str:
+    """The card's table row saying how the runs were fused and what a prediction costs."""
+    fusion = metrics["fusion"]
+    used = sum(1 for ingredient in fusion["ingredients"] if ingredient["weight"] > 0)
+    how = (f"average of {used} runs' {fusion['combine']}" if fusion["method"] == "ensemble"
+           else f"{fusion['method']} of {used} of {len(fusion['ingredients'])} runs, weight average "
+                f"{fusion['weight_average']}")
+    return f"| Fusion | {how}; {metrics['inference_cost']} forward pass(es) per prediction |"
+
+
+def ingredients_section(metrics: dict[str, Any]) -> str:
+    """The fused runs with their weights and scores (empty for a run that is not a fusion)."""
+    if "fusion" not in metrics:
+        return ""
+    rows = ["\n\n### Ingredients\n", f"Scored on {metrics['fusion']['scored_on']}.\n",
+            "| Run | Strategy | Weight | Validation accuracy | Test accuracy |", "|---|---|---|---|---|"]
+    rows += [f"| `{i['run']}` | `{i['strategy']}` | {i['weight']:.4g} | {i['validation']['accuracy']:.4f} | "
+             f"{i['test']['accuracy']:.4f} |" for i in metrics["fusion"]["ingredients"]]
+    return "\n".join(rows)
 
 
 def results_table(metrics: dict[str, Any]) -> str:
