@@ -236,7 +236,8 @@ def keep_best_weights(study: optuna.Study, study_dir: Path, keep: int, maximize:
         if not trial.state.is_finished():
             continue
         folder = trial_dir(study_dir, trial.number)
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-        if trial.number not in kept:
-            shutil.rmtree(folder / "model", ignore_errors=True)
+        for run in [folder, *sorted(folder.glob("fold-*"))]:  # a cross-validated trial: one run folder per fold
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)
+            if trial.number not in kept:
+                shutil.rmtree(run / "model", ignore_errors=True)
     return sorted(kept)

@@ -25,6 +25,10 @@ trials at the same step, once 2 trials completed: it works from the third of a f
 Hyperband (from one epoch, reduction factor 3), which needs more trials to fill its brackets. A stopped trial ends
 like an early-stopped run (it tests and saves) and is recorded PRUNED. Multi-objective studies do not prune.
 
+Small data (`--cv K`): each trial is a K-fold cross-validation (peftlab.cv) in DIR/trials/<number>/fold-<i>/, its
+value the mean over the folds of the validation metric; it is pruned between folds, on the running mean at step =
+folds done - 1, and its record holds the folds' mean validation and test metrics.
+
 Workers: a study lives in a journal file (DIR/study.journal: the workers of one machine, or of a shared file
 system) or a database (--storage: many machines). --trials caps the whole study, however many workers join. A
 worker killed mid-trial leaves its trial running: the next worker started on that machine fails it (its process is
@@ -55,6 +59,7 @@ from optuna.trial import TrialState
 from peftlab import run_folder, trials
 from peftlab.cli import sigterm_raises_keyboard_interrupt
 from peftlab.config import RecipeConfig, load_config
+from peftlab.cv import run_cv
 from peftlab.console import quiet_third_party
 from peftlab.errors import PeftlabError, RunInterrupted
 from peftlab.harness.grid import cell_id
@@ -101,7 +106,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "(default: 1)")
     parser.add_argument("--seed", type=int, help="sampler seed: a one-worker study samples the same trials again")
     parser.add_argument("--cv", type=int, metavar="K",
-                        help="objective: the mean over K folds of peftlab cv (not available yet)")
+                        help="each trial a K-fold cross-validation (peftlab cv) of the train + validation pool; "
+                             "its value the mean validation metric over the folds, pruned between folds")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser.parse_intermixed_args(argv)
 
@@ -124,6 +130,8 @@ class Search:
     keep_best: int
     thread_overrides: list[str]
     command: str
+    cv: Optional[int] = None
+    """`--cv K`: each trial is a K-fold cross-validation (peftlab.cv) and its value the mean over the folds."""
     current: Optional[int] = None
     """The number of the trial this worker runs now (None between trials)."""
 
@@ -140,23 +148,30 @@ class Search:
         run_dir = trials.trial_dir(self.study_dir, trial.number)
         cfg = load_config(self.config, [*self.overrides, *sampled, *self.thread_overrides, f"output_dir={run_dir}"])
         print(f"\n=== trial {trial.number} (of {self.cap}): {' '.join(sampled)}", flush=True)
-        pruning = Pruning(trial, self.metric) if self.prune else None
+        pruning = (FoldPruning if self.cv else Pruning)(trial, self.metric) if self.prune else None
         source, start, error = source_fingerprint(self.program), time.perf_counter(), None
         forget_accelerator_state()  # each trial builds its Accelerator afresh, with its own precision
         try:
-            with evaluation_listener(pruning) if pruning else contextlib.nullcontext():
-                self.recipe_main(cfg)
+            if self.cv:  # pruned between folds, on the running mean (a fold itself runs to its end)
+                run_cv(cfg, self.program, self.cv, run_dir, on_fold=pruning)
+            else:
+                with evaluation_listener(pruning) if pruning else contextlib.nullcontext():
+                    self.recipe_main(cfg)
         except PeftlabError as err:
             error = " ".join(str(err).split())
             run_folder.close_all_run_folders(run_folder.FAILED, error)
             print(f"trial {trial.number} failed: {error}", file=sys.stderr, flush=True)
+        except optuna.TrialPruned:  # raised by FoldPruning between folds
+            pass
         self.current = None
         state = TrialState.FAIL if error else TrialState.PRUNED if pruning and pruning.pruned else TrialState.COMPLETE
         self.write_record(trial.number, cfg, sampled, run_dir, time.perf_counter() - start, error, source, state)
         if error:
             trial.set_user_attr("error", error)
             raise PeftlabError(error)
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = json.loads((self.first_run(run_dir) / "metrics.json").read_text())
+        if self.cv:
+            metrics["validation"] = fold_means(run_dir)["validation"]
         value = metrics["validation"].get(self.metric)
         if value is None:
             raise PeftlabError(f"trial {trial.number} ended without a validation {self.metric} (no evaluation ran)")
@@ -189,10 +204,20 @@ class Search:
             "log": shown_path(run_dir / "log.jsonl"), "run_dir": shown_path(run_dir),
             "study": {"name": self.study_dir.name, "trial": number, "state": state.name, "command": self.command},
         }
-        record.update(run_outcome(self.program, run_dir, error, source))
+        outcome = run_outcome(self.program, self.first_run(run_dir), error, source)
+        if self.cv and outcome["status"] == "ok":
+            # The folds' means stand for the trial (the parameters and cost are fold 0's: every fold is the same model).
+            means = fold_means(run_dir)
+            outcome["metrics"].update(validation=means["validation"], test=means["test"])
+            outcome["cv"] = {"folds": self.cv, "finished": means["folds"]}
+        record.update(outcome)
         records = self.study_dir / "records"
         records.mkdir(parents=True, exist_ok=True)
         write_record(records / f"{record['cell']}.json", record)
+
+    def first_run(self, run_dir: Path) -> Path:
+        """The trial's run folder; with --cv, its first fold's (parameters, cost and config are the same in each)."""
+        return run_dir / "fold-0" if self.cv else run_dir
 
     def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Optuna callback after each trial: keep the weights of the best trials only."""
@@ -221,11 +246,32 @@ class Pruning:
         return self.pruned
 
 
-def cross_validation_hook(folds: int) -> None:
-    """`--cv K`: the objective as the mean over K folds of `peftlab cv` (issue 14's cross-validation), once that
-    lands; until then a one-line refusal, never a silent fall-back to the validation split."""
-    raise PeftlabError(f"--cv {folds} is not available yet: the cross-validated objective needs peftlab cv, which this "
-                       "peftlab tune does not call yet; tune on the validation split without --cv")
+class FoldPruning:
+    """`--cv`: after each fold, reports the running mean of the folds' validation metric to Optuna (step = folds
+    done - 1) and stops the cross-validation when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, metric: str):
+        self.trial, self.metric, self.pruned, self.message, self.values = trial, metric, False, "", []
+
+    def __call__(self, fold) -> None:
+        self.values.append(fold.metrics["validation"][self.metric])
+        mean = sum(self.values) / len(self.values)
+        self.trial.report(mean, len(self.values) - 1)
+        if self.trial.should_prune():
+            self.pruned = True
+            self.message = f"pruned after {len(self.values)} folds: mean validation {self.metric} {mean:.4f}"
+            print(f"trial {self.trial.number} {self.message}", flush=True)
+            raise optuna.TrialPruned(self.message)
+
+
+def fold_means(run_dir: Path) -> dict:
+    """The mean over the finished folds of a cross-validated trial of each scalar validation and test metric."""
+    folds = [json.loads(path.read_text()) for path in sorted(run_dir.glob("fold-*/metrics.json"))]
+    means = {"folds": len(folds)}
+    for split in ("validation", "test"):
+        keys = [k for k, v in folds[0][split].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        means[split] = {k: sum(f[split][k] for f in folds) / len(folds) for k in keys}
+    return means
 
 
 def open_study(args: argparse.Namespace, search: Search, storage) -> optuna.Study:
@@ -284,8 +330,8 @@ def tune(args: argparse.Namespace, argv: list[str]) -> int:
             raise PeftlabError(f"{item}: peftlab tune sets {item.partition('=')[0].strip()} per trial; give the "
                                "study folder with --output-dir")
     program = recipe_program(args.recipe)
-    if args.cv is not None:
-        cross_validation_hook(args.cv)
+    if args.cv is not None and args.cv < 2:
+        raise PeftlabError(f"--cv must be >= 2 folds, got {args.cv}")
     recipe = load_recipe_module(program)
     config = args.config or (str(recipe.DEFAULT_CONFIG) if getattr(recipe, "DEFAULT_CONFIG", None) else None)
     base = load_config(config, args.overrides)
@@ -299,7 +345,7 @@ def tune(args: argparse.Namespace, argv: list[str]) -> int:
         maximize="loss" not in base.train.metric_for_best, multi_objective=args.multi_objective,
         prune=not args.multi_objective and args.pruner != "none", cap=args.trials, keep_best=args.keep_best,
         thread_overrides=[] if base.train.cpu_threads is not None else [f"train.cpu_threads={threads.threads}"],
-        command=shlex.join(["peftlab", "tune", *argv]))
+        command=shlex.join(["peftlab", "tune", *argv]), cv=args.cv)
     storage, storage_name = trials.open_storage(args.storage, search.study_dir)
     study = open_study(args, search, storage)
     local = trials.live_local_workers(study) + 1

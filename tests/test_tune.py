@@ -135,7 +135,7 @@ def test_bad_space_is_one_line_before_any_work(tmp_path, capsys, space, fragment
 
 @pytest.mark.parametrize("extra, fragment", [
     (["output_dir=x"], "peftlab tune sets output_dir per trial; give the study folder with --output-dir"),
-    (["--cv", "3"], "--cv 3 is not available yet"),
+    (["--cv", "1"], "--cv must be >= 2 folds"),
     (["--trials", "0"], "--trials must be >= 1"),
 ])
 def test_bad_command_is_one_line(tmp_path, capsys, extra, fragment):
@@ -278,6 +278,24 @@ def test_study_prunes_records_and_summarises(tmp_path, monkeypatch, capsys):
     assert run_main(["text", "--space", str(write_space(tmp_path)), "--trials", "3", "--output-dir", str(out),
                      "--keep-best", "1", "--seed", "0", *FAST]) == 0
     assert len(optuna.load_study(study_name="study", storage=trials.open_storage(None, out)[0]).trials) == 3
+
+
+def test_cross_validated_study_scores_trials_by_their_fold_mean(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(tune.PRUNERS, "median", PruneTrialOne)
+    out = tmp_path / "study"
+    code = run_main(["text", "--space", str(write_space(tmp_path)), "--trials", "2", "--output-dir", str(out),
+                     "--cv", "2", "--seed", "0", *FAST])
+    assert code == 0, capsys.readouterr().err
+    study = optuna.load_study(study_name="study", storage=trials.open_storage(None, out)[0])
+    complete, pruned = study.trials
+    assert (complete.state, pruned.state) == (TrialState.COMPLETE, TrialState.PRUNED)
+    folds = [json.loads((out / "trials" / "0000" / f"fold-{i}" / "metrics.json").read_text()) for i in (0, 1)]
+    assert complete.value == pytest.approx(sum(f["validation"]["accuracy"] for f in folds) / 2)
+    assert list(complete.intermediate_values) == [0, 1]  # reported after each fold
+    assert list(pruned.intermediate_values) == [0] and not (out / "trials" / "0001" / "fold-1").exists()
+    record = json.loads(sorted((out / "records").glob("*.json"))[0].read_text())
+    assert record["cv"] == {"folds": 2, "finished": 2}
+    assert record["metrics"]["test"]["accuracy"] == pytest.approx(sum(f["test"]["accuracy"] for f in folds) / 2)
 
 
 def test_multi_objective_study_trades_the_metric_against_parameters(tmp_path, capsys):
