@@ -24,7 +24,9 @@ Parity, checked by the command on the run's test split (reloaded with `peftlab.d
 config.yaml): onnxruntime's fp32 logits within 1e-4 of PyTorch's and the same label for every example, or the
 command fails (exit 1, report kept). With `--quantize int8`, onnxruntime's dynamic quantization
 (`quantize_dynamic`: int8 weights, activations quantized per batch at run time) writes model.int8.onnx; its accuracy
-change and size against fp32 are reported, not required. Everything goes to export_report.json in the folder.
+change and size against fp32 are reported, not required. It suits MatMul-heavy graphs (MiniLM: 3.2x PyTorch's
+throughput, -0.24 points); on a CNN it hurts (EfficientNet-Lite0: ConvInteger has no fast kernel and per-tensor int8
+depthwise weights cost 7.6 points; benchmarks/README.md). Everything goes to export_report.json in the folder.
 """
 
 from __future__ import annotations
