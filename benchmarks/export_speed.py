@@ -47,13 +47,14 @@ def measure(run_dir: Path, threads: int, latency_examples: int, throughput_batch
     import onnxruntime
 
     import peftlab
-    from peftlab.export import DEFAULT_SUBDIR, export_run, load_test_split, quiet
+    from peftlab.console import quiet_onnx_export
+    from peftlab.export import DEFAULT_SUBDIR, export_run, load_test_split
     from peftlab.exported import INT8_FILE, ONNX_FILE, REPORT_FILE, load_onnx
     from peftlab.harness.provenance import environment, git_state
 
     export_dir = run_dir / DEFAULT_SUBDIR
     if not (export_dir / INT8_FILE).is_file():
-        with quiet():
+        with quiet_onnx_export():
             export_run(run_dir, export_dir, quantize="int8", log=lambda line: print(line, file=sys.stderr))
     report = json.loads((export_dir / REPORT_FILE).read_text())
     torch.set_num_threads(threads)

@@ -33,7 +33,7 @@ from peftlab.typed import describe_type
 # `peftlab <command>`: the module whose main(argv) runs it, and one line for `peftlab --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("peftlab.predict", "label texts, images or a file of them with a trained run"),
-    "export": ("peftlab.export", "export a run to ONNX (pooling and head in one graph), parity-checked, optionally int8"),
+    "export": ("peftlab.export", "export a run to one ONNX graph (pooling, head inside), checked; optional int8"),
 }
 
 

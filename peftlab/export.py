@@ -1,4 +1,4 @@
-"""Export a trained run to ONNX: one graph from model inputs to logits, pooling and head inside, checked against PyTorch.
+"""Export a run to ONNX: one graph from inputs to logits (pooling and head inside), checked against PyTorch.
 
     peftlab export RUN --format onnx [--quantize int8] [--output DIR]      # default DIR: RUN/onnx
     python -m peftlab.export RUN --format onnx
@@ -11,14 +11,20 @@ preprocessing (size, mean, std; in export.json), and the label names: the folder
 
 What the graph holds, per strategy (decided by the strategy's record, `peftlab.strategies.Merge`):
 
-| strategy                    | in the graph                                                        | exact |
-|-----------------------------|---------------------------------------------------------------------|-------|
-| full, head, partial, bitfit | the trained model as it is (already a model of the base architecture) | yes |
-| lora                        | LoRA folded into the base weights, W + (alpha/r)·B·A (peft merge_and_unload) | yes |
-| adapter                     | unmerged: the bottleneck adapters are ops of the graph (their non-linearity does not fold) | yes |
-| model.quantization=4bit (head, bitfit, lora, adapter) | frozen NF4 weights dequantized to fp32; LoRA kept unmerged beside them | yes: bitsandbytes' 4-bit layer also dequantizes to fp32 before its matmul |
-| model.quantization=8bit     | refused in one line                                                 | no: LLM.int8 also quantizes the activations at run time (MiniLM logits move by ~1e-3) |
-| model.pooling=mean (any)    | the masked mean over tokens (peftlab.pooling's hook) is traced into the graph | yes |
+| strategy                    | in the graph                                                         | exact        |
+|-----------------------------|----------------------------------------------------------------------|--------------|
+| full, head, partial, bitfit | the trained model as it is (a model of the base architecture)        | yes          |
+| lora                        | folded into the base weights, W + (alpha/r)·B·A (merge_and_unload)   | yes          |
+| adapter                     | unmerged: the bottleneck adapters are ops of the graph (their        | yes          |
+|                             | non-linearity does not fold)                                         |              |
+| quantization=4bit (head,    | frozen NF4 weights dequantized to fp32 nn.Linear; LoRA stays         | yes (1)      |
+| bitfit, lora, adapter)      | unmerged beside them (peft folds only into bitsandbytes weights)     |              |
+| quantization=8bit (any)     | refused in one line                                                  | no (2)       |
+| pooling=mean (any)          | the masked mean over tokens (peftlab.pooling's hook), traced inside  | yes          |
+
+(1) bitsandbytes' 4-bit layer itself dequantizes its weights to the fp32 compute dtype before each matmul.
+(2) LLM.int8 also quantizes the activations at run time, which an fp32 graph does not: MiniLM's logits move by ~1e-3.
+(full and partial refuse quantized weights at training, so these rows cover every quantized run.)
 
 Parity, checked by the command on the run's test split (reloaded with `peftlab.data.load_data` from its
 config.yaml): onnxruntime's fp32 logits within 1e-4 of PyTorch's and the same label for every example, or the
@@ -32,13 +38,10 @@ depthwise weights cost 7.6 points; benchmarks/README.md). Everything goes to exp
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
 import json
-import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,6 +50,7 @@ import torch
 from torch import nn
 
 from peftlab.config import load_config
+from peftlab.console import quiet_onnx_export
 from peftlab.errors import PeftlabError
 from peftlab.exported import EXPORT_FILE, INT8_FILE, ONNX_FILE, REPORT_FILE, OnnxRun
 from peftlab.runs import CONFIG_FILE, METRICS_FILE
@@ -310,23 +314,6 @@ def summary(report: dict[str, Any], output_dir: Path) -> list[str]:
     return lines
 
 
-@contextlib.contextmanager
-def quiet():
-    """Hide what the exporter and the quantizer print that a user cannot act on (torchvision not installed, axis
-    renaming, deprecations, "consider pre-processing": onnxruntime's pre-processing fails on these graphs)."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels):
-                logger.setLevel(level)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="peftlab export", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="a finished run's output_dir")
@@ -334,19 +321,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                         help="also write a dynamically quantized graph (model.int8.onnx) and report its accuracy")
     parser.add_argument("--output", help=f"export folder (default: RUN/{DEFAULT_SUBDIR})")
-    parser.add_argument("--debug", action="store_true", help="show the exporter's warnings and log")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and third-party notices")
     args = parser.parse_args(argv)
     output_dir = Path(args.output) if args.output else Path(args.run_dir) / DEFAULT_SUBDIR
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731  (progress on stderr, the results on stdout)
     try:
-        with contextlib.nullcontext() if args.debug else quiet():
+        with quiet_onnx_export(args.debug):
             report = export_run(args.run_dir, output_dir, quantize=args.quantize, log=log)
-    except PeftlabError as err:
+    except (PeftlabError, ParityError) as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except ParityError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(err, PeftlabError) else 1)
     print("\n".join(summary(report, output_dir)))
 
 
