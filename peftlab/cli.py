@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("peftlab.tune", "search a recipe's hyper-parameters with Optuna, on one machine or many"),
     "cv": ("peftlab.cv", "k-fold cross-validation of a recipe: a run per fold, out-of-fold predictions, mean ± std"),
     "fuse": ("peftlab.fuse", "ensemble or average (model soup) fine-tuned runs into one run folder"),
+    "export": ("peftlab.export", "export a run to one ONNX graph (pooling, head inside), checked; optional int8"),
 }
 
 

@@ -4,12 +4,16 @@ are hidden unless `--debug` is given:
   and its weight-loading progress bar;
 - datasets' tokenization progress bars (a second or two each);
 - bitsandbytes' notice that the optional `kernels` package for faster 4-bit CPU inference is missing;
-- FutureWarnings from the libraries' own internal calls.
+- FutureWarnings from the libraries' own internal calls;
+- while `peftlab export` traces and quantizes (`quiet_onnx_export`): torch.onnx's "torchvision is not installed"
+  and axis-renaming notices, torch.export's deprecations, and onnxruntime's "consider pre-processing" (its
+  pre-processing fails on these graphs).
 Errors and peftlab's warnings still show.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import warnings
@@ -39,3 +43,23 @@ def quiet_third_party(debug: bool = False) -> None:
     datasets.disable_progress_bars()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@contextlib.contextmanager
+def quiet_onnx_export(debug: bool = False):
+    """Within the block, hide the exporter's and quantizer's notices above (`debug=True` shows them). onnxruntime's
+    quantizer logs through the root logger, so the levels are put back when the block ends."""
+    if debug:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)

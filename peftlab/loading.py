@@ -18,15 +18,14 @@ import json
 from pathlib import Path
 
 import torch
-from PIL import Image
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from peftlab.backbones import load_base
 from peftlab.config import load_config
-from peftlab.data.image import IMAGE_SUFFIXES, open_image_file
 from peftlab.data.splits import first_line
 from peftlab.errors import PeftlabError
+from peftlab.inputs import Preprocessing, label_predictions, probabilities_in_batches
 from peftlab.runs import CONFIG_FILE, MODEL_SUBDIR, TASK_FILE
 from peftlab.saving import load_trained
 
@@ -77,22 +76,19 @@ class LoadedRun:
         except (OSError, ValueError, SafetensorError) as err:  # a missing or unreadable weights file
             raise PeftlabError(f"cannot load the trained weights in {model_dir} ({first_line(err)}); the run folder "
                                f"is incomplete or damaged: restore it from a copy or train the run again") from err
+        transform = None
         if self.task == "image":
             from peftlab.data.transforms import build_image_transform
 
-            self.transform = build_image_transform(self.cfg.data.image_size, backbone.image_mean, backbone.image_std,
-                                                   train=False)
+            transform = build_image_transform(self.cfg.data.image_size, backbone.image_mean, backbone.image_std,
+                                              train=False)
+        self.preprocessing = Preprocessing(self.task, run_dir, tokenizer=backbone.tokenizer,
+                                           max_length=self.cfg.data.max_length, transform=transform)
 
     def preprocess(self, inputs: list) -> dict[str, torch.Tensor]:
         """The model's input batch for texts (tokenized and padded as in training), or image paths / PIL images
         (resized and normalised as at evaluation)."""
-        if self.task == "text":
-            for text in inputs:
-                self.check_text(text)
-            return dict(self.backbone.tokenizer(inputs, truncation=True, max_length=self.cfg.data.max_length,
-                                                padding=True, return_tensors="pt"))
-        images = [self.open_image(x) if isinstance(x, (str, Path)) else x for x in inputs]
-        return {"pixel_values": torch.stack([self.transform(image) for image in images])}
+        return self.preprocessing(inputs)
 
     @torch.no_grad()
     def logits(self, inputs: list) -> torch.Tensor:
@@ -103,40 +99,14 @@ class LoadedRun:
         """Class probabilities (N, num_labels) for texts, or image paths / PIL images; columns follow label_names."""
         return self.logits(inputs).softmax(dim=-1)
 
-    def check_text(self, text) -> None:
-        """Error for an input a text run cannot label: not a string, or what looks like an image file's path."""
-        if not isinstance(text, str):
-            raise PeftlabError(f"{text!r} is not a text; run {self.run_dir} labels texts")
-        if Path(text).suffix.lower() in IMAGE_SUFFIXES and not any(char.isspace() for char in text):
-            raise PeftlabError(f"{text!r} looks like an image file, but run {self.run_dir} labels texts; pass texts, "
-                               f"or the folder of an image run")
-
-    def open_image(self, path: str | Path) -> Image.Image:
-        """The decoded image at `path`; one-line errors for text given to an image run and for unreadable files."""
-        if not Path(path).is_file():
-            raise PeftlabError(f"{str(path)!r} is not an image file, and run {self.run_dir} labels images; pass "
-                               f"paths of existing image files")
-        return open_image_file(path)
-
     def probabilities_in_batches(self, inputs: list, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-        """`probabilities(inputs)` computed `batch_size` inputs at a time (with a progress bar on stderr when
-        `progress` and there is more than one batch)."""
-        from tqdm.auto import tqdm
-
-        starts = range(0, len(inputs), batch_size)
-        chunks = [self.probabilities(inputs[start:start + batch_size])
-                  for start in tqdm(starts, desc="predict", unit="batch", disable=not progress or len(starts) < 2)]
-        return torch.cat(chunks) if chunks else torch.empty(0, len(self.label_names))
+        """`probabilities(inputs)` computed `batch_size` inputs at a time (a progress bar on stderr if `progress`)."""
+        return probabilities_in_batches(self.probabilities, inputs, len(self.label_names), batch_size, progress)
 
     def predict(self, inputs: list, batch_size: int = 64, progress: bool = False) -> list[dict]:
         """One {"input", "label", "score", "probabilities": {label name: probability}} dict per input, labelled in
         batches of `batch_size` (with a progress bar on stderr when `progress` and there is more than one batch)."""
-        results = []
-        for item, row in zip(inputs, self.probabilities_in_batches(inputs, batch_size, progress).tolist()):
-            best = max(range(len(row)), key=row.__getitem__)
-            results.append({"input": str(item), "label": self.label_names[best], "score": round(row[best], 4),
-                            "probabilities": {name: round(p, 6) for name, p in zip(self.label_names, row)}})
-        return results
+        return label_predictions(self.probabilities, self.label_names, inputs, batch_size, progress)
 
 
 class EnsembleRun(LoadedRun):

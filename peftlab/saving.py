@@ -121,8 +121,19 @@ def merge(model: nn.Module) -> nn.Module:
     record = applied.record
     if record.merge is Merge.NOT_FOLDABLE:
         raise PeftlabError(f"strategy {record.name!r} cannot merge: {record.cannot_merge_because}")
-    if record.merge is Merge.FOLD:
-        merged = model.merge_and_unload()
-        merged.__dict__.pop("peftlab_strategy", None)
-        return merged
-    return model
+    return fold(model)
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """The same function with every update that folds exactly (Merge.FOLD) folded into the base weights; the rest
+    (PLAIN models, NOT_FOLDABLE adapters, hooks such as mean pooling) kept as it is.
+
+    `merge` is this plus the refusals that make its result loadable by `from_pretrained`; an ONNX export
+    (`peftlab.export`) needs only the function, so it folds and keeps the rest in the graph.
+    """
+    applied = getattr(model, "peftlab_strategy", None)
+    if applied is None or applied.record.merge is not Merge.FOLD:
+        return model
+    merged = model.merge_and_unload()
+    merged.__dict__.pop("peftlab_strategy", None)
+    return merged

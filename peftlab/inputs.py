@@ -1,0 +1,93 @@
+"""What a loaded run does with a user's inputs, whatever runs the model: check them, turn them into model inputs, and
+turn class probabilities into labelled predictions.
+
+Shared by the PyTorch run (`peftlab.load`) and its ONNX export (`peftlab.exported.load_onnx`), so both accept and
+refuse the same inputs and encode them identically (same tokenizer call, same eval image transform).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from PIL import Image
+
+from peftlab.data.image import IMAGE_SUFFIXES, open_image_file
+from peftlab.errors import PeftlabError
+
+
+@dataclass
+class Preprocessing:
+    """Texts -> tokenizer outputs, or image paths / PIL images -> `pixel_values`, with one-line errors for inputs of
+    the wrong kind."""
+
+    task: str
+    """"text" or "image"."""
+    source: Path
+    """The run (or export) folder, named in error messages."""
+    tokenizer: Any = None
+    """Text only: the run's tokenizer."""
+    max_length: Optional[int] = None
+    """Text only: texts are truncated to this many tokens, as in training."""
+    transform: Optional[Callable[[Image.Image], torch.Tensor]] = None
+    """Image only: the eval transform (resize and normalise, `peftlab.data.transforms.build_image_transform`)."""
+
+    def __call__(self, inputs: list) -> dict[str, torch.Tensor]:
+        """The model's keyword inputs for a batch: padded token tensors, or stacked normalised images."""
+        if self.task == "text":
+            for text in inputs:
+                self.check_text(text)
+            return dict(self.tokenizer(inputs, truncation=True, max_length=self.max_length, padding=True,
+                                       return_tensors="pt"))
+        images = [self.open_image(x) if isinstance(x, (str, Path)) else x for x in inputs]
+        return {"pixel_values": torch.stack([self.transform(image) for image in images])}
+
+    def check_text(self, text) -> None:
+        """Error for an input a text run cannot label: not a string, or what looks like an image file's path."""
+        if not isinstance(text, str):
+            raise PeftlabError(f"{text!r} is not a text; run {self.source} labels texts")
+        if Path(text).suffix.lower() in IMAGE_SUFFIXES and not any(char.isspace() for char in text):
+            raise PeftlabError(f"{text!r} looks like an image file, but run {self.source} labels texts; pass texts, "
+                               f"or the folder of an image run")
+
+    def open_image(self, path: str | Path) -> Image.Image:
+        """The decoded image at `path`; one-line errors for text given to an image run and for unreadable files."""
+        if not Path(path).is_file():
+            raise PeftlabError(f"{str(path)!r} is not an image file, and run {self.source} labels images; pass "
+                               f"paths of existing image files")
+        return open_image_file(path)
+
+
+def probabilities_in_batches(probabilities: Callable[[list], torch.Tensor], inputs: list, num_labels: int,
+                             batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """`probabilities(inputs)` computed `batch_size` inputs at a time, (N, num_labels), with a progress bar on stderr
+    when `progress` and there is more than one batch.
+
+    Args:
+        probabilities: `inputs -> (N, num_labels)` class probabilities (a run's `.probabilities`).
+    """
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(inputs), batch_size)
+    chunks = [probabilities(inputs[start:start + batch_size])
+              for start in tqdm(starts, desc="predict", unit="batch", disable=not progress or len(starts) < 2)]
+    return torch.cat(chunks) if chunks else torch.empty(0, num_labels)
+
+
+def label_predictions(probabilities: Callable[[list], torch.Tensor], label_names: list[str], inputs: list,
+                      batch_size: int = 64, progress: bool = False) -> list[dict]:
+    """One {"input", "label", "score", "probabilities": {label name: probability}} dict per input, labelled in
+    batches of `batch_size` (see `probabilities_in_batches`).
+
+    Args:
+        probabilities: `inputs -> (N, num_labels)` class probabilities (a run's `.probabilities`).
+    """
+    results = []
+    rows = probabilities_in_batches(probabilities, inputs, len(label_names), batch_size, progress).tolist()
+    for item, row in zip(inputs, rows):
+        best = max(range(len(row)), key=row.__getitem__)
+        results.append({"input": str(item), "label": label_names[best], "score": round(row[best], 4),
+                        "probabilities": {name: round(p, 6) for name, p in zip(label_names, row)}})
+    return results
