@@ -96,7 +96,9 @@ def test_metrics_json_says_where_the_time_went(tmp_path):
     # train() splits its own time three ways, and samples/s is over the training steps alone.
     assert metrics["train_time_s"] == pytest.approx(
         phases["train_steps"] + phases["evaluation"] + phases["checkpointing"], abs=2e-3)
-    assert metrics["samples_per_s"] == pytest.approx(6 * 16 / phases["train_steps"], rel=1e-2)
+    # phases_s holds milliseconds: on cached features the steps take about 10 ms, so allow for that rounding.
+    rounding = 0.0005 / phases["train_steps"]
+    assert metrics["samples_per_s"] == pytest.approx(6 * 16 / phases["train_steps"], rel=max(1e-2, 1.5 * rounding))
 
 
 def test_metrics_json_records_the_cpu_threads(tmp_path):
