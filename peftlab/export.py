@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from peftlab.config import load_config
-from peftlab.console import quiet_onnx_export
+from peftlab.console import quiet_onnx_export, quiet_third_party
 from peftlab.errors import PeftlabError
 from peftlab.exported import EXPORT_FILE, INT8_FILE, ONNX_FILE, REPORT_FILE, OnnxRun
 from peftlab.runs import CONFIG_FILE, METRICS_FILE
@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", help=f"export folder (default: RUN/{DEFAULT_SUBDIR})")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and third-party notices")
     args = parser.parse_args(argv)
+    quiet_third_party(args.debug)  # also when run as `python -m peftlab.<command>`, not through `peftlab`
     output_dir = Path(args.output) if args.output else Path(args.run_dir) / DEFAULT_SUBDIR
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731  (progress on stderr, the results on stdout)
     try:

@@ -58,6 +58,7 @@ from safetensors.torch import load_file, save_file
 
 from peftlab import run_folder
 from peftlab.config import RecipeConfig, save_config
+from peftlab.console import quiet_third_party
 from peftlab.errors import PeftlabError
 from peftlab.loading import COMBINES, FUSION_FILE, LoadedRun, load, read_run_info
 from peftlab.runs import CONFIG_FILE, METRICS_FILE, MODEL_SUBDIR, TASK_FILE
@@ -510,6 +511,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass when scoring")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and third-party notices")
     args = parser.parse_args(argv)
+    quiet_third_party(args.debug)  # also when run as `python -m peftlab.<command>`, not through `peftlab`
     try:
         metrics = fuse(args.run_dirs, args.method, args.output, combine=args.combine,
                        lora_combination=args.lora_combination, density=args.density, overwrite=args.overwrite,

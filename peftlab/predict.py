@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from peftlab.console import quiet_third_party
 from peftlab.errors import PeftlabError
 from peftlab.loading import load
 
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass (default: 64)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and third-party notices")
     args = parser.parse_args(argv)
+    quiet_third_party(args.debug)  # also when run as `python -m peftlab.<command>`, not through `peftlab`
     try:
         if args.batch_size < 1:
             raise PeftlabError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -166,6 +166,7 @@ def test_cli_prints_no_traceback(runs, tmp_path):
     result = subprocess.run([sys.executable, "-m", "peftlab.predict", str(runs["image"]), str(tmp_path / "bomb.png")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "LOAD REPORT" not in result.stderr  # `python -m peftlab.predict` is as quiet as `peftlab predict`
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: '{tmp_path / 'bomb.png'}' is too large")
 
 
