@@ -56,7 +56,7 @@ def text_runs(tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
-@pytest.mark.slow  # trains four runs (about 40 s on an idle 2-core CPU)
+@pytest.mark.slow  # shares a fixture that trains four runs (about 40 s on an idle 2-core CPU)
 @pytest.mark.parametrize("case", sorted(TEXT_CASES))
 def test_card_lines_reproduce_peftlab_predictions(text_runs, case):
     run = text_runs[case]
@@ -69,7 +69,7 @@ def test_card_lines_reproduce_peftlab_predictions(text_runs, case):
     torch.testing.assert_close(vanilla, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow  # trains four runs (about 40 s on an idle 2-core CPU)
+@pytest.mark.slow  # shares a fixture that trains four runs (about 40 s on an idle 2-core CPU)
 def test_mean_pooled_card_warns_and_its_hook_matters(text_runs):
     card = (text_runs["lora_mean"] / "README.md").read_text()
     assert "Loading the weights alone does not reproduce this model" in card
@@ -83,7 +83,7 @@ def test_mean_pooled_card_warns_and_its_hook_matters(text_runs):
     assert "Loading the weights alone" not in (text_runs["full_cls"] / "README.md").read_text()
 
 
-@pytest.mark.slow  # trains four runs (about 40 s on an idle 2-core CPU)
+@pytest.mark.slow  # shares a fixture that trains four runs (about 40 s on an idle 2-core CPU)
 def test_merged_lora_loads_with_vanilla_transformers(text_runs, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -98,7 +98,7 @@ def test_merged_lora_loads_with_vanilla_transformers(text_runs, tmp_path):
                                    atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow  # trains four runs (about 40 s on an idle 2-core CPU)
+@pytest.mark.slow  # shares a fixture that trains four runs (about 40 s on an idle 2-core CPU)
 def test_adapter_names_a_portable_base_and_peft_task_type(text_runs):
     model_dir = text_runs["lora_mean"] / "model"
     adapter_config = json.loads((model_dir / "adapter_config.json").read_text())
@@ -117,7 +117,7 @@ def test_hub_id_of_a_packaged_backbone_loads_the_packaged_copy():
     assert backbone.model.config.hidden_size == 384  # offline here: only the packaged copy can have loaded
 
 
-@pytest.mark.slow  # trains four runs (about 40 s on an idle 2-core CPU)
+@pytest.mark.slow  # trains a text and an image run (test_predict's train_runs)
 def test_image_card_lines_reproduce_peftlab_predictions(tmp_path):
     from tests.test_predict import train_runs
 
