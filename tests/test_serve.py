@@ -123,7 +123,6 @@ def test_metadata(runs, text_server):
 
 @slow
 def test_an_onnx_export_is_served_with_the_same_predictions(runs, tmp_path):
-    pytest.importorskip("peftlab.exported", reason="the ONNX export (peftlab export) is not in this checkout")
     from peftlab.export import export_run
 
     export_run(runs["text"], tmp_path / "onnx", log=lambda *args: None)
