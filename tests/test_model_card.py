@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import peftlab
 from peftlab.backbones import PACKAGED_BACKBONES, packaged_folder
 from peftlab.config import load_config
 from peftlab.model_card import model_card
 from peftlab.params import ParameterCount
-from tests.test_predict import IMAGE_FAST, TEXT_FAST, run_recipe
+from tests.test_predict import TEXT_FAST, run_recipe
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 TEXTS = ["a gripping, beautifully shot film", "dull", "the plot never comes together, but the cast is superb"]
