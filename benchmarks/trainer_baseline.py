@@ -14,7 +14,6 @@ in full) and full. Same data splits, backbone, mean pooling and image transforms
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,11 +24,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peftlab import PeftlabError, count_parameters, run_folder
 from peftlab.cli import run_cli
-from peftlab.config import RecipeConfig, save_config
+from peftlab.config import RecipeConfig
 from peftlab.heads import find_head
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
 from peftlab.phases import PhaseTimer
-from peftlab.runs import CONFIG_FILE, METRICS_FILE, prepare_output_dir
+from peftlab.runs import prepare_output_dir, write_metrics
 from peftlab.training import peak_memory_mb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,10 +96,8 @@ def main(cfg: RecipeConfig, task: str) -> dict:
         "test": test, "best_step": _step_of(trainer.state.best_model_checkpoint), "global_step": state.global_step,
         "stopped_early": False, "train_time_s": train_time,
         "samples_per_s": trainer.state.epoch * len(train_set) / steps_s,  # epoch: fractional under max_steps
-        "peak_memory_mb": peak_memory_mb(torch.device("cpu")), "phases_s": phases.as_dict(),
-        "parameters": counts.as_record()}
-    save_config(cfg, output_dir / CONFIG_FILE)
-    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        "peak_memory_mb": peak_memory_mb(torch.device("cpu")), "phases_s": phases.as_dict()}
+    metrics = write_metrics(output_dir, cfg, metrics, counts)
     run_folder.close_run_folder(output_dir, run_folder.FINISHED)
     print(f"test accuracy {test['accuracy']:.4f} ({train_time:.0f} s in trainer.train())")
     return metrics

@@ -137,12 +137,20 @@ def write_run_outputs(output_dir: Path, cfg: RecipeConfig, task: str, model, pre
     if preprocessor is not None and hasattr(preprocessor, "save_pretrained"):
         preprocessor.save_pretrained(model_dir)
     (model_dir / TASK_FILE).write_text(json.dumps({"task": task, "label_names": label_names}) + "\n")
-    save_config(cfg, Path(output_dir) / CONFIG_FILE)
-    metrics = {**metrics, "parameters": counts.as_record()}
-    (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics = write_metrics(output_dir, cfg, metrics, counts)
     plain_torch = any(isinstance(module, TorchImageClassifier) for module in model.modules())
     (Path(output_dir) / "README.md").write_text(model_card(cfg, task, metrics, counts, label_names, plain_torch,
                                                             folder=str(output_dir)))
+
+
+def write_metrics(output_dir: Path, cfg: RecipeConfig, metrics: dict[str, Any],
+                  counts: ParameterCount) -> dict[str, Any]:
+    """Write config.yaml and metrics.json (`metrics` plus the parameter counts), what a benchmark record reads from
+    any run: a recipe's or a harness job's (benchmarks/trainer_baseline.py, tfidf_baseline.py); returns its content."""
+    save_config(cfg, Path(output_dir) / CONFIG_FILE)
+    metrics = {**metrics, "parameters": counts.as_record()}
+    (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
 
 
 def write_predictions(path: Path, outputs, label_names: list[str]) -> Path:

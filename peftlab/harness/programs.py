@@ -54,6 +54,8 @@ def register_job(name: str, script: str, *, args: tuple[str, ...] = (), task: st
 # The usual loop the speed grids compare the recipes against (benchmarks/SPEED.md).
 register_job("trainer_text", "benchmarks/trainer_baseline.py", args=("--task", "text"), task="text")
 register_job("trainer_image", "benchmarks/trainer_baseline.py", args=("--task", "image"), task="image")
+# The cheap reference row of a text table: TF-IDF + a linear SVM on the recipe's splits (benchmarks/README.md).
+register_job("tfidf_svm", "benchmarks/tfidf_baseline.py", task="text")
 # The README's launch commands, for thread counts that only `accelerate launch` meets (grids/speed_threads.yaml).
 register_job("accelerate_text", "benchmarks/accelerate_launch.py", args=("text_classification",), task="text")
 register_job("accelerate_text_ddp2", "benchmarks/accelerate_launch.py",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from peftlab.harness.programs import REPO_ROOT, Program
 
-PACKAGES = ("peftlab", "torch", "transformers", "peft", "accelerate", "datasets")
+PACKAGES = ("peftlab", "torch", "transformers", "peft", "accelerate", "datasets", "scikit-learn")
 
 
 @functools.cache

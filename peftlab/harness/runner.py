@@ -224,8 +224,10 @@ def _run_outputs(task: str | None, run_dir: Path) -> dict:
         "cpu_threads": metrics.get("cpu_threads"),  # per process; absent from runs made before it was recorded
         "phases_s": metrics.get("phases_s"),  # absent from runs made before the engine timed its phases
         "model_size_bytes": folder_size(run_dir / "model"),
-        # `auto` precision depends on the machine: record what it resolved to here (bf16 where the CPU has it).
-        "mixed_precision": resolve_mixed_precision(config["train"]["mixed_precision"]),
+        # `auto` precision depends on the machine: record what it resolved to here (bf16 where the CPU has it). A job
+        # that computes in its own precision (scikit-learn's fp64) names it in its metrics.json.
+        "mixed_precision": (metrics.get("mixed_precision")
+                            or resolve_mixed_precision(config["train"]["mixed_precision"])),
         "config": config,
         "data": _data_or_error(task, config["data"]),
     }
