@@ -127,12 +127,18 @@ class PhaseCallback(TrainerCallback):
 def load_sets(cfg: RecipeConfig, task: str, phases: PhaseTimer):
     """Train, validation and test sets as the recipe splits them (texts padded to max_length), the backbone, labels;
     the data and model phases timed as the recipe times them."""
-    from peftlab.backbones import load_base
+    from peftlab.backbones import load_base, position_limit
     from peftlab.data import load_data
+    from peftlab.data_rules import resolve_data_rules
 
     data = load_data(cfg.data, task)
     phases.lap("data")
     backbone = load_base(cfg.model, task=task, label_names=data.label_names)
+    # The recipe's `auto` length and selection metric, resolved as it resolves them; the Trainer keeps its own loss.
+    rules = resolve_data_rules(cfg, data, tokenizer=getattr(backbone, "tokenizer", None) if task == "text" else None,
+                               length_limit=position_limit(backbone) if task == "text" else None)
+    if rules.class_weights is not None:
+        raise PeftlabError("the Trainer baseline trains the model's plain loss; set train.class_weights=none")
     phases.lap("model")
     if task == "text":
         from peftlab.pooling import apply_mean_pooling

@@ -46,11 +46,11 @@ SCALAR_METRICS = ("loss", "accuracy", "macro_f1", "macro_precision", "macro_reca
 
 def check_metric_for_best(name: str) -> None:
     """Reject a `train.metric_for_best` that no evaluation reports, before training (not after the first epoch)."""
-    if name not in SCALAR_METRICS:
+    if name != "auto" and name not in SCALAR_METRICS:  # auto: resolved from the data (peftlab.data_rules)
         close = difflib.get_close_matches(name, SCALAR_METRICS, n=1) or [m for m in SCALAR_METRICS if name in m]
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise PeftlabError(f"train.metric_for_best={name!r} is not a validation metric{hint} "
-                           f"(choose one of: {', '.join(SCALAR_METRICS)})")
+                           f"(choose auto or one of: {', '.join(SCALAR_METRICS)})")
 
 
 def compute_classification_metrics(

@@ -19,13 +19,14 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from peftlab import run_folder
 from peftlab.backbones import TorchImageClassifier, portable_name
 from peftlab.config import RecipeConfig, save_config
+from peftlab.data_rules import DataRules
 from peftlab.errors import PeftlabError
 from peftlab.model_card import model_card
 from peftlab.params import ParameterCount
@@ -96,13 +97,15 @@ def score_test(model, test_loader, accelerator, phases: PhaseTimer):
 
 
 def save_run(cfg: RecipeConfig, task: str, *, accelerator, model, result, test, label_names: list[str],
-             counts: ParameterCount, preprocessor, output_dir: Path, phases: PhaseTimer) -> dict[str, Any]:
+             counts: ParameterCount, preprocessor, output_dir: Path, phases: PhaseTimer,
+             data_rules: Optional[DataRules] = None) -> dict[str, Any]:
     """Write the run's outputs (weights, metrics.json with the test scores, predictions, config, model card) and mark
     the folder finished; returns metrics.json's content.
 
     Args:
         test: `score_test`'s evaluation of the best weights.
         phases: the recipe's timer (data, model, feature cache, test); train()'s phases are added to it.
+        data_rules: what the recipe resolved from the data (length, class weights, selection metric), and why.
     """
     from peftlab.metrics import compute_classification_metrics
 
@@ -115,6 +118,8 @@ def save_run(cfg: RecipeConfig, task: str, *, accelerator, model, result, test, 
                "peak_memory_mb": result.peak_memory_mb, "phases_s": phases.as_dict(),
                "param_groups": result.param_groups,
                "cpu_threads": torch.get_num_threads()}  # per process, as build_accelerator set it
+    if data_rules is not None:
+        metrics["data_rules"] = data_rules.record()
     accelerator.print(f"test accuracy {test_metrics['accuracy']:.4f}, macro-F1 {test_metrics['macro_f1']:.4f} "
                       f"({result.train_time_s:.0f} s, {result.samples_per_s:.1f} samples/s)")
     if accelerator.is_main_process:

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
@@ -236,6 +237,14 @@ def evaluate(model, loader, accelerator, compute_metrics) -> EvalOutput:
     return EvalOutput(metrics, predictions, references, torch.cat(probabilities).numpy())
 
 
+def training_loss(model, batch: dict, class_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """The model's own loss, or cross-entropy of its logits weighted per class (the head's code stays unchanged)."""
+    if class_weights is None:
+        return model(**batch).loss
+    logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+    return F.cross_entropy(logits.float(), batch["labels"], weight=class_weights.to(logits.device))
+
+
 def _per_sample_loss(out, labels: torch.Tensor) -> torch.Tensor:
     # Per-sample losses let gather_for_metrics drop the padding duplicates of the last batch exactly.
     if out.logits.ndim == 2 and out.logits.shape[-1] > 1 and not labels.is_floating_point():
@@ -244,9 +253,14 @@ def _per_sample_loss(out, labels: torch.Tensor) -> torch.Tensor:
 
 
 def train(
-    model, *, accelerator, train_cfg, train_loader, eval_loader, compute_metrics, output_dir, resume_from=None
+    model, *, accelerator, train_cfg, train_loader, eval_loader, compute_metrics, output_dir, resume_from=None,
+    class_weights: Optional[torch.Tensor] = None,
 ) -> TrainResult:
-    """Train the model's trainable parameters; afterwards it holds the weights of the best evaluation."""
+    """Train the model's trainable parameters; afterwards it holds the weights of the best evaluation.
+
+    Args:
+        class_weights: per-class weights of the training loss (peftlab.data_rules); None: the model's own loss.
+    """
     start = time.perf_counter()
     set_seed(train_cfg.seed)
     optimizer = build_optimizer(model, train_cfg)
@@ -294,7 +308,7 @@ def train(
                 epoch_batches += 1
                 samples += len(batch["labels"]) * accelerator.num_processes
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    loss = training_loss(model, batch, class_weights)
                     accelerator.backward(loss)
                     micro_losses.append(loss.detach().float())
                     if accelerator.sync_gradients:
@@ -467,6 +481,10 @@ def _should_save(train_cfg, step: int, evaluated: bool, improved: bool, stop: bo
 
 def _record_evaluation(progress: Progress, metrics: dict, metric_for_best: str) -> bool:
     """Append to the history and update best/patience; True when this evaluation is the new best."""
+    if metric_for_best == "auto":
+        # The recipes resolve `auto` from the training labels (peftlab.data_rules) before training; a loop called
+        # without that sees no labels, so it keeps the metric that `auto` gives balanced data.
+        metric_for_best = "accuracy"
     if metric_for_best not in metrics:
         raise PeftlabError(f"train.metric_for_best={metric_for_best!r} is not among the metrics {sorted(metrics)}")
     progress.history.append({"step": progress.global_step, **metrics})

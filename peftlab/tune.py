@@ -60,6 +60,7 @@ from peftlab import run_folder, trials
 from peftlab.cli import sigterm_raises_keyboard_interrupt
 from peftlab.config import RecipeConfig, load_config
 from peftlab.cv import run_cv
+from peftlab.data_rules import metric_for_best
 from peftlab.console import quiet_third_party
 from peftlab.errors import PeftlabError, RunInterrupted
 from peftlab.harness.grid import cell_id
@@ -335,14 +336,15 @@ def tune(args: argparse.Namespace, argv: list[str]) -> int:
     recipe = load_recipe_module(program)
     config = args.config or (str(recipe.DEFAULT_CONFIG) if getattr(recipe, "DEFAULT_CONFIG", None) else None)
     base = load_config(config, args.overrides)
+    metric = metric_for_best(base, program.task)  # `auto` follows the labels, as in each trial's run
     space = load_search_space(args.space, config, args.overrides)  # every key and range, before any work
     if args.multi_objective and args.pruner != "none":
         print("multi-objective study: pruning is off (Optuna's pruners judge a single objective)", file=sys.stderr)
     threads = share_of_cores(args.local_workers)
     search = Search(
         program=program, recipe_main=recipe.main, config=config, overrides=list(args.overrides), space=space,
-        study_dir=Path(args.output_dir), metric=base.train.metric_for_best,
-        maximize="loss" not in base.train.metric_for_best, multi_objective=args.multi_objective,
+        study_dir=Path(args.output_dir), metric=metric,
+        maximize="loss" not in metric, multi_objective=args.multi_objective,
         prune=not args.multi_objective and args.pruner != "none", cap=args.trials, keep_best=args.keep_best,
         thread_overrides=[] if base.train.cpu_threads is not None else [f"train.cpu_threads={threads.threads}"],
         command=shlex.join(["peftlab", "tune", *argv]), cv=args.cv)

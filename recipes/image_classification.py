@@ -23,6 +23,7 @@ from peftlab.caching import frozen_feature_cache
 from peftlab.cli import run_cli
 from peftlab.config import RecipeConfig
 from peftlab.data import load_data, make_image_dataloader
+from peftlab.data_rules import resolve_data_rules
 from peftlab.data.transforms import build_image_transform, image_processor
 from peftlab.learning_rates import rate_groups
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
@@ -46,6 +47,7 @@ def main(cfg: RecipeConfig) -> dict:
     set_seed(cfg.train.seed)
     backbone = load_base(cfg.model, task="image", label_names=data.label_names)
     check_image_size(backbone, cfg.data.image_size)
+    rules = resolve_data_rules(cfg, data)  # `auto` class weights and selection metric follow the labels
     model = apply_strategy(backbone.model, cfg.strategy, head_modules=cfg.model.head_modules,
                            pooling=cfg.model.pooling, batchnorm=cfg.model.batchnorm,
                            **cfg.strategy_options.get(cfg.strategy, {}))
@@ -57,6 +59,7 @@ def main(cfg: RecipeConfig) -> dict:
     output_dir = prepare_output_dir(cfg, accelerator)
     accelerator.print(f"{cfg.strategy} on {cfg.model.name} at {cfg.data.image_size} px "
                       f"(native {backbone.image_size}): {counts}")
+    accelerator.print("\n".join(rules.describe()))
     phases.lap("model")
 
     # Every image is resized to data.image_size and normalised with the backbone's own statistics;
@@ -82,13 +85,13 @@ def main(cfg: RecipeConfig) -> dict:
                               fixed_inputs=not cfg.data.augment, phases=phases) as loaders:
         result = train(model, accelerator=accelerator, train_cfg=cfg.train, train_loader=loaders["train"],
                        eval_loader=loaders["validation"], compute_metrics=compute_metrics,
-                       output_dir=output_dir, resume_from=cfg.resume_from)
+                       output_dir=output_dir, resume_from=cfg.resume_from, class_weights=rules.loss_weights())
         # The model now holds the best validation weights: score them once on the test split (cached there too).
         test = score_test(model, loaders["test"], accelerator, phases)
     # Saved with an image processor that preprocesses as the evaluation transform does (for loading without peftlab).
     return save_run(cfg, "image", accelerator=accelerator, model=model, result=result, test=test,
                     label_names=data.label_names, counts=counts, preprocessor=image_processor(transform(False)),
-                    output_dir=output_dir, phases=phases)
+                    output_dir=output_dir, phases=phases, data_rules=rules)
 
 
 def check_image_size(backbone: Backbone, image_size: int) -> None:

@@ -14,11 +14,12 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from peftlab import apply_strategy, count_parameters
-from peftlab.backbones import check_max_length, load_base
+from peftlab.backbones import check_max_length, load_base, position_limit
 from peftlab.caching import frozen_feature_cache
 from peftlab.cli import run_cli
 from peftlab.config import RecipeConfig
 from peftlab.data import load_data, make_text_dataloader, tokenize_dataset
+from peftlab.data_rules import resolve_data_rules
 from peftlab.learning_rates import rate_groups
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
 from peftlab.phases import PhaseTimer
@@ -41,6 +42,8 @@ def main(cfg: RecipeConfig) -> dict:
     set_seed(cfg.train.seed)
     backbone = load_base(cfg.model, task="text", label_names=data.label_names)
     check_max_length(backbone, cfg.data.max_length)
+    # `auto` settings follow the data: the text length, class weights and selection metric (peftlab.data_rules).
+    rules = resolve_data_rules(cfg, data, tokenizer=backbone.tokenizer, length_limit=position_limit(backbone))
     model = apply_strategy(backbone.model, cfg.strategy, head_modules=cfg.model.head_modules,
                            pooling=cfg.model.pooling, batchnorm=cfg.model.batchnorm,
                            **cfg.strategy_options.get(cfg.strategy, {}))
@@ -51,6 +54,7 @@ def main(cfg: RecipeConfig) -> dict:
     accelerator = build_accelerator(cfg.train, cfg.output_dir)
     output_dir = prepare_output_dir(cfg, accelerator)
     accelerator.print(f"{cfg.strategy} on {cfg.model.name}: {counts}")
+    accelerator.print("\n".join(rules.describe()))
     phases.lap("model")
 
     with accelerator.main_process_first():
@@ -72,12 +76,12 @@ def main(cfg: RecipeConfig) -> dict:
                               phases=phases) as loaders:
         result = train(model, accelerator=accelerator, train_cfg=cfg.train, train_loader=loaders["train"],
                        eval_loader=loaders["validation"], compute_metrics=compute_metrics,
-                       output_dir=output_dir, resume_from=cfg.resume_from)
+                       output_dir=output_dir, resume_from=cfg.resume_from, class_weights=rules.loss_weights())
         # The model now holds the best validation weights: score them once on the test split (cached there too).
         test = score_test(model, loaders["test"], accelerator, phases)
     return save_run(cfg, "text", accelerator=accelerator, model=model, result=result, test=test,
                     label_names=data.label_names, counts=counts, preprocessor=backbone.tokenizer,
-                    output_dir=output_dir, phases=phases)
+                    output_dir=output_dir, phases=phases, data_rules=rules)
 
 
 if __name__ == "__main__":

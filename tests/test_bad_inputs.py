@@ -30,7 +30,8 @@ def write_files(tmp_path: Path) -> Path:
     (tmp_path / "one_label.csv").write_text("text,label\n" + "good,pos\nfine,pos\n" * 10)
     (tmp_path / "empty.csv").write_text("text,label\n")
     (tmp_path / "fractional.csv").write_text("text,label\n" + "good,1\nbad,0.5\n" * 10)
-    (tmp_path / "no_text.csv").write_text("text,label\n" + "good,pos\nbad,neg\n,pos\n" + "fine,neg\n" * 10)
+    (tmp_path / "numeric_text.csv").write_text("text,label\n" + "".join(f"{i},{'pos' if i % 2 else 'neg'}\n"
+                                                                        for i in range(7, 30)))
     (tmp_path / "test_only").mkdir()
     (tmp_path / "test_only" / "train.csv").write_text("text,label\n" + "good,pos\nbad,neg\n" * 10)
     (tmp_path / "test_only" / "test.csv").write_text("text,label\n" + "good,pos\nbad,neg\nso-so,meh\n")
@@ -92,7 +93,8 @@ CASES = [
     ("empty dataset", ["data.name={tmp}/empty.csv"], "empty"),
     ("a single label", ["data.name={tmp}/one_label.csv"], "fewer than 2 distinct labels"),
     ("fractional label id", ["data.name={tmp}/fractional.csv"], "0.5"),
-    ("row without text", ["data.name={tmp}/no_text.csv"], "data row 3 (counting from 1, header line not counted)"),
+    ("a text that is a number", ["data.name={tmp}/numeric_text.csv"],
+     "data row 1 (counting from 1, header line not counted) has text 7"),
     ("label only in test", ["data.name={tmp}/test_only"], "['meh'] in its test split but not in the train split"),
     ("output folder holds a finished run", ["output_dir={tmp}/finished"], "holds a finished run"),
     ("overwrite a folder peftlab did not make", ["output_dir={tmp}/notes", "overwrite=true"],

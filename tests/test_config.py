@@ -110,7 +110,7 @@ BAD_OVERRIDES = [
     ("train.layer_decay=0", "train.layer_decay", "must be in (0, 1], got 0.0"),
     ("train.layer_decay=1.5", "train.layer_decay", "must be in (0, 1], got 1.5"),
     ("train.loraplus_ratio=0.5", "train.loraplus_ratio", "must be >= 1, got 0.5"),
-    ("model.batchnorm=fixed", "model.batchnorm", "one of train, frozen, got 'fixed'"),
+    ("model.batchnorm=fixed", "model.batchnorm", "one of auto, train, frozen, got 'fixed'"),
     ("data.validation_fraction=1.0", "data.validation_fraction", "must be in [0, 1), got 1.0"),
     ("data.test_fraction=-0.1", "data.test_fraction", "must be in [0, 1), got -0.1"),
     ("model=bert", "model", "expected a mapping of model.* keys, got 'bert'"),

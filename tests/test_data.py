@@ -233,15 +233,30 @@ def test_a_label_only_evaluation_splits_have_is_refused(tmp_path, test_labels, s
 
 def test_data_errors_cite_rows_counted_from_1(tmp_path):
     # Data row 3 is line 4 of the file (after the header): the message counts data rows from 1.
-    (tmp_path / "no_text.csv").write_text("text,label\ngood,pos\nbad,neg\n,pos\nfine,neg\n")
     (tmp_path / "no_label.csv").write_text("text,label\ngood,pos\nbad,neg\nok,\nfine,neg\n")
-    for name, fragment in [("no_text.csv", "(train split) data row 3 (counting from 1, header line not counted) "
-                                           "has text None"),
-                           ("no_label.csv", "(train split) data row 3 (counting from 1, header line not counted) "
-                                            "has no label")]:
+    write_jsonl(tmp_path / "numeric_text.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"},
+                                                   {"text": 3, "label": "pos"}])
+    for name, fragment in [("no_label.csv", "(train split) data row 3 (counting from 1, header line not counted) "
+                                            "has no label"),
+                           ("numeric_text.jsonl", "(train split) data row 3 (counting from 1, header line not "
+                                                  "counted) has text 3")]:
         with pytest.raises(PeftlabError) as error:
             load_text_dataset(str(tmp_path / name))
         assert fragment in str(error.value), str(error.value)
+
+
+def test_rows_with_an_empty_text_are_skipped_with_a_warning(tmp_path):
+    # A spreadsheet's blank row (no text, no label) and a row whose text is only spaces are dropped, and named.
+    rows = "good,pos\nbad,neg\n,\n   ,pos\n" + "fine,neg\nnice,pos\n" * 10
+    (tmp_path / "blank_rows.csv").write_text("text,label\n" + rows)
+    with pytest.warns(UserWarning, match=r"skipped 2 row\(s\) with an empty text \(data rows 3, 4, counting from 1"):
+        data = load_text_dataset(str(tmp_path / "blank_rows.csv"), validation_fraction=0.2, test_fraction=0.2)
+    texts = [text for split in data.splits.values() for text in split["text"]]
+    assert len(texts) == 22 and all(text.strip() for text in texts)
+    assert data.label_names == ["neg", "pos"]  # the blank row's empty label made no class
+    (tmp_path / "all_blank.csv").write_text("text,label\n,pos\n ,neg\n")
+    with pytest.raises(PeftlabError, match="has no non-empty text"):
+        load_text_dataset(str(tmp_path / "all_blank.csv"))
 
 
 def test_packaged_rotten_tomatoes():

@@ -161,7 +161,7 @@ def batch_norm_state(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", ["full", "bitfit"])
 def test_frozen_batch_norms_keep_their_statistics_while_their_weights_train(name):
     batch = example_batch("cnn")
-    moved = apply_strategy(build("cnn"), name)  # batchnorm=train: the trained batch norms re-estimate
+    moved = apply_strategy(build("cnn"), name, batchnorm="train")  # the trained batch norms re-estimate
     before = batch_norm_state(moved)
     train_steps(moved, batch, steps=1)
     assert all(not torch.equal(t, before[n]) for n, t in batch_norm_state(moved).items())
@@ -174,9 +174,19 @@ def test_frozen_batch_norms_keep_their_statistics_while_their_weights_train(name
     assert all(not torch.equal(p, weights[n]) for n, p in model.named_parameters() if n in weights)
 
 
+def test_the_default_batch_norm_policy_freezes_statistics_where_there_are_batch_norms():
+    batch = example_batch("cnn")
+    model = apply_strategy(build("cnn"), "full")  # model.batchnorm=auto
+    before = batch_norm_state(model)
+    train_steps(model, batch, steps=1)
+    assert all(torch.equal(t, before[n]) for n, t in batch_norm_state(model).items())
+    apply_strategy(build("bert"), "full")  # no batch norms: auto is no error
+
+
 def test_frozen_batch_norms_need_batch_norms():
     with pytest.raises(PeftlabError, match="model.batchnorm=frozen, but the model has no batch norms .*; leave "
-                                           "model.batchnorm at train"):
+                                           "model.batchnorm at auto"):
         apply_strategy(build("bert"), "full", batchnorm="frozen")
-    with pytest.raises(PeftlabError, match=r"batchnorm='fixed' is not supported; choose one of \['train', 'frozen'\]"):
+    with pytest.raises(PeftlabError,
+                       match=r"batchnorm='fixed' is not supported; choose one of \['auto', 'train', 'frozen'\]"):
         apply_strategy(build("cnn"), "full", batchnorm="fixed")

@@ -41,7 +41,7 @@ from peftlab.errors import PeftlabError
 
 __all__ = ["Backbone", "EFFICIENTNET_LITE_MEAN", "EFFICIENTNET_LITE_STD", "PACKAGED_BACKBONES", "PLAIN_BUILDERS",
            "PackagedBackbone", "TorchImageClassifier", "build_efficientnet_lite", "build_from_config",
-           "check_max_length", "list_model_configs", "load_backbone", "load_base", "portable_name", "set_dropout"]
+           "check_max_length", "position_limit", "list_model_configs", "load_backbone", "load_base", "portable_name", "set_dropout"]
 
 
 def load_base(model_cfg, *, task: Task, label_names: Sequence[str]) -> Backbone:
@@ -84,13 +84,20 @@ def load_backbone(
     return backbone
 
 
-def check_max_length(backbone: Backbone, max_length: int) -> None:
-    """Refuse a `data.max_length` beyond the text backbone's position limit now, not as a traceback mid-training."""
+def position_limit(backbone: Backbone) -> int | None:
+    """The longest sequence (in tokens) a text backbone takes, from its position embeddings; None when unknown."""
     config = getattr(backbone.model, "config", None)
     limit = getattr(config, "max_position_embeddings", None)
     if limit and getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
         limit -= 2  # RoBERTa-style position ids start after the padding index: 514 positions hold 512 tokens
-    if limit and max_length > limit:
+    return limit or None
+
+
+def check_max_length(backbone: Backbone, max_length: int | str) -> None:
+    """Refuse a `data.max_length` beyond the text backbone's position limit now, not as a traceback mid-training
+    (`auto` is capped at the limit when it is resolved)."""
+    limit = position_limit(backbone)
+    if limit and max_length != "auto" and max_length > limit:
         raise PeftlabError(f"data.max_length={max_length} is longer than {backbone.name} can take ({limit} tokens); "
                            f"set data.max_length={limit} or less")
 

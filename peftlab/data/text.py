@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -76,8 +77,8 @@ def load_text_dataset(
         splits, source = read_text_source(name, label_column), repr(name)
     splits = select_columns(splits, {text_column: "text", label_column: "label"}, source=source,
                             group_column=group_column)
-    for split_name, split in splits.items():
-        check_texts(split, source=f"{source} ({split_name} split)")
+    splits = {split_name: drop_empty_texts(split, source=f"{source} ({split_name} split)")
+              for split_name, split in splits.items()}
     return labelled_dataset(
         splits, label_names, source=source, validation_fraction=validation_fraction, test_fraction=test_fraction,
         split_seed=split_seed, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
@@ -169,12 +170,25 @@ def root_cause(err: BaseException) -> str:
     return first_line(err)
 
 
-def check_texts(split: datasets.Dataset, *, source: str) -> None:
-    """Error when a text is missing or not a string (a numeric column chosen as text_column, say)."""
+def drop_empty_texts(split: datasets.Dataset, *, source: str) -> datasets.Dataset:
+    """Drop rows whose text is missing or blank (a spreadsheet's empty row), with a warning naming them; error when a
+    text is not a string at all (a numeric column chosen as text_column, say)."""
+    empty = []
     for index, text in enumerate(split["text"]):
-        if not isinstance(text, str):
-            raise PeftlabError(f"{source} {data_row(index)} has text {text!r}; every text must be a non-missing "
-                               f"string (check text_column)")
+        if text is None or (isinstance(text, str) and not text.strip()):
+            empty.append(index)
+        elif not isinstance(text, str):
+            raise PeftlabError(f"{source} {data_row(index)} has text {text!r}; every text must be a string "
+                               f"(check text_column)")
+    if not empty:
+        return split
+    if len(empty) == len(split):
+        raise PeftlabError(f"{source} has no non-empty text; check text_column")
+    shown = ", ".join(str(index + 1) for index in empty[:5]) + (", ..." if len(empty) > 5 else "")
+    warnings.warn(f"{source}: skipped {len(empty)} row(s) with an empty text (data rows {shown}, counting from 1, "
+                  f"header line not counted)", stacklevel=2)
+    keep = sorted(set(range(len(split))) - set(empty))
+    return split.select(keep)
 
 
 @functools.lru_cache(maxsize=1)
