@@ -38,6 +38,7 @@ from peftlab import PeftlabError, run_folder
 from peftlab.cli import run_cli
 from peftlab.config import RecipeConfig
 from peftlab.data import load_data
+from peftlab.data_rules import resolve_data_rules
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
 from peftlab.params import ParameterCount
 from peftlab.phases import PhaseTimer
@@ -58,6 +59,7 @@ def main(cfg: RecipeConfig) -> dict:
     splits = {name: (list(split["text"]), np.asarray(split["label"])) for name, split in data.splits.items()}
     phases.lap("data")
     output_dir = prepare_output_dir(cfg)
+    resolve_data_rules(cfg, data)  # train.metric_for_best=auto: macro-F1 on imbalanced labels, as the recipe picks
     metric = "accuracy" if cfg.train.metric_for_best == "loss" else cfg.train.metric_for_best
 
     start = time.perf_counter()
