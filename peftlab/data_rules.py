@@ -55,6 +55,8 @@ class DataRules:
     metric_rule: str
     class_weights: Optional[list[float]] = None
     class_weights_rule: str = ""
+    labels: str = ""
+    """The balance of the training labels, as the console says it."""
     max_length: Optional[int] = None
     max_length_rule: str = ""
     truncated_share: dict[str, float] = field(default_factory=dict)
@@ -74,9 +76,11 @@ class DataRules:
         lines = []
         if self.max_length is not None:
             shares = ", ".join(f"{split} {share:.1%}" for split, share in self.truncated_share.items())
-            lines.append(f"max_length {self.max_length} ({self.max_length_rule}); texts truncated: {shares}")
-        lines.append(f"model selection on validation {self.metric_for_best} ({self.metric_rule})")
-        lines.append(f"class weights: {self.class_weights_rule}")
+            lines.append(f"max_length {self.max_length} ({self.max_length_rule}); truncated texts: {shares}")
+        source = lambda rule: "auto" if rule.startswith("auto") or "(auto" in rule else "set in the config"  # noqa: E731
+        weights = self.class_weights_rule.split(" (")[0]
+        lines.append(f"{self.labels}: checkpoint chosen on validation {self.metric_for_best} "
+                     f"({source(self.metric_rule)}), class weights {weights} ({source(self.class_weights_rule)})")
         return lines + [f"warning: {warning}" for warning in self.warnings]
 
     def loss_weights(self) -> Optional[torch.Tensor]:
@@ -96,8 +100,8 @@ def resolve_data_rules(cfg, data, *, tokenizer=None, length_limit: Optional[int]
     class_counts, ratio = label_balance(data)
     imbalanced = ratio >= IMBALANCE_RATIO
     present = [count for count in class_counts.values() if count > 0]
-    balance = (f"training labels {'imbalanced' if imbalanced else 'balanced'}: largest/smallest class "
-               f"{max(present)}/{min(present)}")
+    balance = (f"training labels {'imbalanced' if imbalanced else 'balanced'} (largest/smallest class "
+               f"{max(present)}/{min(present)})")
 
     metric, metric_rule = cfg.train.metric_for_best, "set in the config"
     if metric == "auto":
@@ -106,7 +110,7 @@ def resolve_data_rules(cfg, data, *, tokenizer=None, length_limit: Optional[int]
         cfg.train.metric_for_best = metric
 
     rules = DataRules(class_counts=class_counts, imbalance_ratio=ratio, metric_for_best=metric,
-                      metric_rule=metric_rule)
+                      metric_rule=metric_rule, labels=balance)
     setting, why = cfg.train.class_weights, "set in the config"
     if setting == "auto":
         setting, why = ("sqrt_inverse" if imbalanced else "none"), f"auto, {balance}"

@@ -100,6 +100,9 @@ def test_auto_weights_and_selection_follow_the_imbalance_rule(labels, imbalanced
     assert ("imbalanced" if imbalanced else "balanced") in rules.class_weights_rule
     if imbalanced:
         assert rules.class_weights[1] > rules.class_weights[0]
+        assert rules.describe() == ["training labels imbalanced (largest/smallest class 30/15): checkpoint chosen on "
+                                    "validation macro_f1 (auto), class weights inverse square-root class frequency "
+                                    "(auto)"]
     # Explicit settings win over the rule.
     explicit = config("train.class_weights=none", "train.metric_for_best=loss")
     rules = resolve_data_rules(explicit, data)

@@ -290,7 +290,10 @@ def test_cross_validated_study_scores_trials_by_their_fold_mean(tmp_path, monkey
     complete, pruned = study.trials
     assert (complete.state, pruned.state) == (TrialState.COMPLETE, TrialState.PRUNED)
     folds = [json.loads((out / "trials" / "0000" / f"fold-{i}" / "metrics.json").read_text()) for i in (0, 1)]
-    assert complete.value == pytest.approx(sum(f["validation"]["accuracy"] for f in folds) / 2)
+    # train.metric_for_best=auto: 32 Rotten Tomatoes texts can hold twice as many of one class (then macro-F1).
+    metric = study.user_attrs[tune.STUDY_ATTR]["metric"]
+    assert metric == folds[0]["data_rules"]["metric_for_best"] == folds[1]["data_rules"]["metric_for_best"]
+    assert complete.value == pytest.approx(sum(f["validation"][metric] for f in folds) / 2)
     assert list(complete.intermediate_values) == [0, 1]  # reported after each fold
     assert list(pruned.intermediate_values) == [0] and not (out / "trials" / "0001" / "fold-1").exists()
     record = json.loads(sorted((out / "records").glob("*.json"))[0].read_text())
@@ -307,10 +310,12 @@ def test_multi_objective_study_trades_the_metric_against_parameters(tmp_path, ca
     assert "multi-objective study: pruning is off" in captured.err
     study = optuna.load_study(study_name="study", storage=trials.open_storage(None, out)[0])
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
-    for trial in study.trials:  # (validation accuracy, trainable parameters with the head), never pruned
+    metric = study.user_attrs[tune.STUDY_ATTR]["metric"]  # train.metric_for_best=auto, resolved from the labels
+    for trial in study.trials:  # (validation metric, trainable parameters with the head), never pruned
         assert trial.state == TrialState.COMPLETE and not trial.intermediate_values
         metrics = json.loads((trials.trial_dir(out, trial.number) / "metrics.json").read_text())
-        assert trial.values == [metrics["validation"]["accuracy"], metrics["parameters"]["trainable"]]
+        assert metrics["data_rules"]["metric_for_best"] == metric
+        assert trial.values == [metrics["validation"][metric], metrics["parameters"]["trainable"]]
     front = {t.number for t in study.best_trials}
     assert (out / "trials.md").read_text().count("Pareto front") == len(front)
     assert load_config(str(out / "best.yaml")).strategy in ("lora", "head")
