@@ -148,3 +148,16 @@ def test_a_run_on_imbalanced_data_records_its_rules(tmp_path):
     saved = load_config(str(run / "config.yaml"))
     assert saved.data.max_length == rules["max_length"] and saved.train.metric_for_best == "macro_f1"
     assert Path(run / "model").is_dir()
+
+
+def test_the_packaged_default_run_resolves_to_the_settings_its_benchmarks_measured():
+    # The default config on Rotten Tomatoes must train exactly as before `auto`: 64 tokens, plain loss, accuracy.
+    from peftlab.backbones import load_base, position_limit
+    from peftlab.data import load_data
+
+    cfg = load_config(str(Path(__file__).parents[1] / "recipes" / "configs" / "minilm_lora_rotten_tomatoes.yaml"))
+    data = load_data(cfg.data, task="text")
+    backbone = load_base(cfg.model, task="text", label_names=data.label_names)
+    rules = resolve_data_rules(cfg, data, tokenizer=backbone.tokenizer, length_limit=position_limit(backbone))
+    assert (cfg.data.max_length, cfg.train.metric_for_best, rules.class_weights) == (64, "accuracy", None)
+    assert rules.truncated_share["train"] < 0.01 and 1.3 < rules.imbalance_ratio < 1.5  # 58% of snippets are fresh
