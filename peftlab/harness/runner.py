@@ -223,6 +223,7 @@ def _run_outputs(task: str | None, run_dir: Path) -> dict:
         "peak_memory_mb": metrics["peak_memory_mb"],
         "cpu_threads": metrics.get("cpu_threads"),  # per process; absent from runs made before it was recorded
         "phases_s": metrics.get("phases_s"),  # absent from runs made before the engine timed its phases
+        "data_rules": metrics.get("data_rules"),  # what `auto` chose from the data (length, weights, metric) and why
         "model_size_bytes": folder_size(run_dir / "model"),
         # `auto` precision depends on the machine: record what it resolved to here (bf16 where the CPU has it). A job
         # that computes in its own precision (scikit-learn's fp64) names it in its metrics.json.
