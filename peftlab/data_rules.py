@@ -41,7 +41,8 @@ TRUNCATION_WARNING_SHARE = 0.10
 """An explicit data.max_length that truncates more than this share of the training texts gets a warning."""
 IMBALANCE_RATIO = 2.0
 """Training labels are imbalanced when the largest class has at least this many times the smallest's examples."""
-WEIGHT_RULES = {"none": "none", "inverse": "inverse class frequency", "sqrt_inverse": "inverse square-root class frequency"}
+WEIGHT_RULES = {"none": "none", "inverse": "inverse class frequency",
+                "sqrt_inverse": "inverse square-root class frequency"}
 """train.class_weights values (besides `auto`) and how the run's console and metrics.json name them."""
 
 
@@ -77,7 +78,10 @@ class DataRules:
         if self.max_length is not None:
             shares = ", ".join(f"{split} {share:.1%}" for split, share in self.truncated_share.items())
             lines.append(f"max_length {self.max_length} ({self.max_length_rule}); truncated texts: {shares}")
-        source = lambda rule: "auto" if rule.startswith("auto") or "(auto" in rule else "set in the config"  # noqa: E731
+
+        def source(rule: str) -> str:
+            return "auto" if rule.startswith("auto") or "(auto" in rule else "set in the config"
+
         weights = self.class_weights_rule.split(" (")[0]
         lines.append(f"{self.labels}: checkpoint chosen on validation {self.metric_for_best} "
                      f"({source(self.metric_rule)}), class weights {weights} ({source(self.class_weights_rule)})")

@@ -14,8 +14,7 @@ from transformers import BertTokenizer
 
 from peftlab.config import RecipeConfig, load_config
 from peftlab.data.splits import LabelledDataset
-from peftlab.data_rules import (class_weights, covering_length, metric_for_best, resolve_data_rules,
-                                token_lengths)
+from peftlab.data_rules import class_weights, covering_length, metric_for_best, resolve_data_rules
 from peftlab.training import training_loss
 from tests.test_predict import TEXT_FAST, run_recipe
 from tests.tiny_models import tiny_bert
