@@ -164,7 +164,8 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: str = "lora"
-    """One of peftlab.list_strategies(): full, head, partial, bitfit, lora, adapter."""
+    """One of peftlab.list_strategies(): full, head, partial, bitfit, lora, adapter; peft's methods prefix, prompt,
+    ia3, vera, loha, lokr, adalora; or peft (any peft method, strategy_options.peft.method)."""
     strategy_options: dict[str, dict] = field(default_factory=dict)
     """Options per strategy name, e.g. {lora: {r: 8}}; only the selected strategy's options are used."""
     output_dir: str = "outputs/run"

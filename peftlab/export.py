@@ -15,8 +15,12 @@ What the graph holds, per strategy (decided by the strategy's record, `peftlab.s
 |-----------------------------|----------------------------------------------------------------------|--------------|
 | full, head, partial, bitfit | the trained model as it is (a model of the base architecture)        | yes          |
 | lora                        | folded into the base weights, W + (alpha/r)·B·A (merge_and_unload)   | yes          |
+| ia3, vera, loha, lokr,      | folded into the base weights by peft's merge_and_unload              | yes          |
+| adalora, peft (tuners)      |                                                                      |              |
 | adapter                     | unmerged: the bottleneck adapters are ops of the graph (their        | yes          |
 |                             | non-linearity does not fold)                                         |              |
+| prefix, prompt, peft        | unmerged: the virtual tokens (prefix keys and values) are computed   | yes          |
+| (prompt learning, LiLy)     | in the graph                                                         |              |
 | quantization=4bit (head,    | frozen NF4 weights dequantized to fp32 nn.Linear; LoRA stays         | yes (1)      |
 | bitfit, lora, adapter)      | unmerged beside them (peft folds only into bitsandbytes weights)     |              |
 | quantization=8bit (any)     | refused in one line                                                  | no (2)       |

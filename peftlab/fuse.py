@@ -206,8 +206,10 @@ def check_lora_config(model_dir: Path) -> None:
     config = json.loads((model_dir / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("rank_pattern") \
             or config.get("alpha_pattern"):
-        raise PeftlabError(f"{model_dir} holds a {config.get('peft_type')} adapter with DoRA or per-module ranks, "
-                           f"whose update is not a plain (alpha/r)·B·A; fuse it with --method ensemble")
+        kind = "LoRA adapter with DoRA or per-module ranks" if config.get("peft_type") == "LORA" else \
+            f"{config.get('peft_type')} adapter"
+        raise PeftlabError(f"{model_dir} holds a {kind}, whose update is not a plain (alpha/r)·B·A; fuse it with "
+                           f"--method ensemble")
 
 
 def lora_scaling(config: dict[str, Any]) -> float:

@@ -14,12 +14,13 @@ card of its strategy, an ensemble `ensemble_card` (only peftlab runs an ensemble
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
 from peftlab.backbones import portable_name
 from peftlab.params import ParameterCount
-from peftlab.strategies import Merge, SaveFormat, get_strategy
+from peftlab.strategies import Merge, SaveFormat, configured_record
 
 MODEL_SUBDIR = "model"  # the run folder's weights subfolder, as peftlab.runs writes it
 PEFTLAB_LINES = """```python
@@ -43,8 +44,8 @@ def model_card(cfg, task: str, metrics: dict[str, Any], counts: ParameterCount, 
         folder: how the card's code refers to the run folder.
     """
     base = portable_name(cfg.model.name)
-    record = get_strategy(cfg.strategy)
     options = cfg.strategy_options.get(cfg.strategy, {})
+    record = configured_record(cfg.strategy, options)
     vanilla = vanilla_lines(cfg, task, record, label_names, base, plain_torch, folder)
     example = '"a gripping, beautifully shot film"' if task == "text" else '"cat.png"'
     library = "peft" if record.save_format is SaveFormat.PEFT_ADAPTER else "peftlab"
@@ -140,10 +141,14 @@ def vanilla_lines(cfg, task: str, record, label_names: list[str], base: str, pla
         return (f"Not possible: `{cfg.model.name}` is a plain torch model, not a transformers architecture, so only "
                 f"peftlab rebuilds it. For use elsewhere, `peftlab export {folder} --format onnx` writes one ONNX "
                 f"graph with the preprocessing settings beside it.")
-    if record.merge is Merge.NOT_FOLDABLE:
+    if record.merge is Merge.NOT_FOLDABLE and record.save_format is not SaveFormat.PEFT_ADAPTER:
         return (f"Not possible: strategy `{cfg.strategy}` inserts peftlab's own modules ({record.cannot_merge_because}"
                 f"), which transformers and peft do not have. Load it with peftlab, or export it to ONNX "
                 f"(`peftlab export {folder} --format onnx`).")
+    if record.prepare_base is not None:  # peftlab changes the base before peft loads the adapter, and says why
+        why = inspect.getdoc(record.prepare_base).split("\n\n", 1)[0].replace("\n", " ")
+        return (f"Not possible with these versions: peftlab's loader {why[0].lower()}{why[1:]} Load it with peftlab, "
+                f"or export it to ONNX (`peftlab export {folder} --format onnx`).")
     auto = "AutoModelForSequenceClassification" if task == "text" else "AutoModelForImageClassification"
     id2label = "{" + ", ".join(f"{i}: {json.dumps(name)}" for i, name in enumerate(label_names)) + "}"
     layers = f", num_hidden_layers={cfg.model.num_hidden_layers}" if cfg.model.num_hidden_layers else ""

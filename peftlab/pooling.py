@@ -12,10 +12,14 @@ POOLINGS = ("cls", "mean")
 
 
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of `hidden` (B, T, H) over the positions where `attention_mask` (B, T) is 1."""
+    """Mean of `hidden` (B, T, H) over the positions where `attention_mask` (B, T) is 1.
+
+    A mask longer than the hidden states (B, P + T) also covers P positions that have keys but no outputs, put
+    first (prefix tuning's virtual tokens): its last T columns belong to the hidden states.
+    """
     if attention_mask is None:
         return hidden.mean(dim=1)
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    mask = attention_mask[:, attention_mask.shape[1] - hidden.shape[1]:].unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 

@@ -2,8 +2,8 @@
 
 How is the strategy's record's business (`peftlab.strategies.registry.SaveFormat` and `Merge`). Files in a saved folder:
 - `peftlab_strategy.json`: strategy name, options, head modules and pooling, to rebuild the same model.
-- PEFT_ADAPTER (lora): peft's own `adapter_config.json` + `adapter_model.safetensors` (`peft.PeftModel.from_pretrained`
-  loads it).
+- PEFT_ADAPTER (lora and peft's other methods): peft's own `adapter_config.json` + `adapter_model.safetensors`
+  (`peft.PeftModel.from_pretrained` loads it).
 - WHOLE_MODEL (full): the whole model via `save_pretrained` (safetensors; plain `from_pretrained` loads it).
 - TRAINED_TENSORS (the others): `peftlab_trainable.safetensors` with only the trained tensors (head, adapters, biases,
   blocks).
@@ -47,11 +47,15 @@ def save_trained(model: nn.Module, output_dir: str | Path, base_name: str | None
             no task type for image classification).
     """
     applied = applied_strategy(model)
-    save_format = applied.record.save_format
+    record = applied.record
+    save_format = record.save_format
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if save_format is SaveFormat.PEFT_ADAPTER:
-        model.save_pretrained(output_dir)
+        if record.save_adapter is not None:
+            record.save_adapter(model, output_dir)
+        else:
+            model.save_pretrained(output_dir)
         # Written into the saved file only: peft's save looks the base up by this name (on the Hub, for a Hub id).
         config_path = output_dir / "adapter_config.json"
         adapter_config = json.loads(config_path.read_text())
@@ -84,6 +88,8 @@ def load_trained(base_model: nn.Module, saved_dir: str | Path) -> nn.Module:
 
         if spec.pooling == "mean":
             apply_mean_pooling(base_model)
+        if spec.record.prepare_base is not None:
+            spec.record.prepare_base(base_model)
         model = PeftModel.from_pretrained(base_model, saved_dir)
         model.peftlab_strategy = spec
         return model
@@ -108,9 +114,9 @@ def load_trained(base_model: nn.Module, saved_dir: str | Path) -> nn.Module:
 def merge(model: nn.Module) -> nn.Module:
     """A plain model that `save_pretrained`/`from_pretrained` handle, as the strategy's record says (`Merge`).
 
-    FOLD (lora) folds the update into the base weights; PLAIN strategies (full, head, partial, bitfit) already are plain
-    models and come back as they are, as does a model that is no longer adapted (merged before, or never adapted);
-    NOT_FOLDABLE (adapter) is refused in one line.
+    FOLD (lora, peft's tuners) folds the update into the base weights; PLAIN strategies (full, head, partial, bitfit)
+    already are plain models and come back as they are, as does a model that is no longer adapted (merged before, or
+    never adapted); NOT_FOLDABLE (adapter, prompt learning) is refused in one line.
     """
     applied = getattr(model, "peftlab_strategy", None)
     if applied is None:
@@ -134,6 +140,20 @@ def fold(model: nn.Module) -> nn.Module:
     applied = getattr(model, "peftlab_strategy", None)
     if applied is None or applied.record.merge is not Merge.FOLD:
         return model
+    unwrap_trained_heads(model)
     merged = model.merge_and_unload()
     merged.__dict__.pop("peftlab_strategy", None)
     return merged
+
+
+def unwrap_trained_heads(model: nn.Module) -> None:
+    """Put each head peft trains as `modules_to_save` in its wrapper's place, as peft's own unloading does. Done
+    before `merge_and_unload`, whose generic version (every tuner but LoRA's) fails on a head of several modules
+    (RoBERTa's dense + out_proj): peft 0.21 copies the wrapper's `.weight`, which such a head has not."""
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child_name = name.rpartition(".")
+            head = module.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
+            setattr(model.get_submodule(parent_name), child_name, head)

@@ -38,7 +38,7 @@ from peftlab.checkpointing import (
 )
 from peftlab.errors import PeftlabError, RunInterrupted
 from peftlab.learning_rates import describe, param_group_summary, rate_groups
-from peftlab.strategies import after_step_hook
+from peftlab.strategies import TrainingStart, after_step_hook, before_training
 from peftlab.threads import set_cpu_threads
 from peftlab.tracking import build_trackers
 
@@ -263,11 +263,16 @@ def train(
     """
     start = time.perf_counter()
     set_seed(train_cfg.seed)
-    optimizer = build_optimizer(model, train_cfg)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    recipe_train_loader = train_loader
+    train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
     # One optimizer step per grad_accum_steps batches, the remainder making one more: 10 batches / 4 -> 3 steps.
     steps_per_epoch = math.ceil(len(train_loader) / train_cfg.grad_accum_steps)
     total_steps = train_cfg.max_steps or steps_per_epoch * train_cfg.epochs
+    # The strategy's own preparation (AdaLoRA's schedule, EVA's pass over the data) may still reshape what trains, so
+    # it runs before the optimizer takes the trainable parameters.
+    before_training(model, TrainingStart(total_steps, recipe_train_loader))
+    optimizer = build_optimizer(model, train_cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
     # A prepared scheduler steps once per process per optimizer step (accelerate's convention), so count in those.
     scheduler = accelerator.prepare(build_scheduler(optimizer, train_cfg, total_steps * accelerator.num_processes))
 

@@ -28,6 +28,7 @@ TEXT_CASES = {
     "lora_cls": ["strategy=lora", "model.pooling=cls"],
     "full_cls": ["strategy=full", "model.pooling=cls"],
     "bitfit_mean": ["strategy=bitfit", "model.pooling=mean"],  # trained tensors onto the vanilla base
+    "prompt_mean": ["strategy=prompt", "strategy_options.prompt.num_virtual_tokens=4", "model.pooling=mean"],  # peft
 }
 
 
@@ -55,7 +56,7 @@ def text_runs(tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
-@pytest.mark.slow  # shares a fixture that trains four runs (about 40 s on an idle 2-core CPU)
+@pytest.mark.slow  # shares a fixture that trains five runs (about 50 s on an idle 2-core CPU)
 @pytest.mark.parametrize("case", sorted(TEXT_CASES))
 def test_card_lines_reproduce_peftlab_predictions(text_runs, case):
     run = text_runs[case]
@@ -68,7 +69,7 @@ def test_card_lines_reproduce_peftlab_predictions(text_runs, case):
     torch.testing.assert_close(vanilla, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow  # shares a fixture that trains four runs (about 40 s on an idle 2-core CPU)
+@pytest.mark.slow  # shares a fixture that trains five runs (about 50 s on an idle 2-core CPU)
 def test_mean_pooled_card_warns_and_its_hook_matters(text_runs):
     card = (text_runs["lora_mean"] / "README.md").read_text()
     assert "Loading the weights alone does not reproduce this model" in card
@@ -82,7 +83,7 @@ def test_mean_pooled_card_warns_and_its_hook_matters(text_runs):
     assert "Loading the weights alone" not in (text_runs["full_cls"] / "README.md").read_text()
 
 
-@pytest.mark.slow  # shares a fixture that trains four runs (about 40 s on an idle 2-core CPU)
+@pytest.mark.slow  # shares a fixture that trains five runs (about 50 s on an idle 2-core CPU)
 def test_merged_lora_loads_with_vanilla_transformers(text_runs, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -97,7 +98,7 @@ def test_merged_lora_loads_with_vanilla_transformers(text_runs, tmp_path):
                                    atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow  # shares a fixture that trains four runs (about 40 s on an idle 2-core CPU)
+@pytest.mark.slow  # shares a fixture that trains five runs (about 50 s on an idle 2-core CPU)
 def test_adapter_names_a_portable_base_and_peft_task_type(text_runs):
     model_dir = text_runs["lora_mean"] / "model"
     adapter_config = json.loads((model_dir / "adapter_config.json").read_text())
@@ -131,6 +132,7 @@ def test_image_card_lines_reproduce_peftlab_predictions(tmp_path):
 @pytest.mark.parametrize("strategy, backbone, phrase", [
     ("adapter", "minilm", "inserts peftlab's own modules"),
     ("lora", "efficientnet-lite0", "is a plain torch model"),
+    ("prefix", "minilm", "passes peft 0.21's `past_key_values` (prefix tuning's prefix) to transformers 5 as `cache`"),
 ])
 def test_card_says_plainly_when_only_peftlab_loads_it(strategy, backbone, phrase):
     task = "image" if backbone.startswith("efficientnet") else "text"

@@ -34,10 +34,14 @@ def built_in_cases(families):
 
 def test_every_built_in_declares_a_record():
     assert {n for n in list_strategies() if get_strategy(n).caches_frozen_features} == {"head"}
-    assert {n for n in list_strategies() if get_strategy(n).merge is Merge.FOLD} == {"lora"}
-    assert {n for n in list_strategies() if get_strategy(n).merge is Merge.NOT_FOLDABLE} == {"adapter"}
-    assert get_strategy("lora").save_format is SaveFormat.PEFT_ADAPTER
+    peft_tuners = {"ia3", "vera", "loha", "lokr", "adalora"}
+    assert {n for n in list_strategies() if get_strategy(n).merge is Merge.FOLD} == {"lora", "peft"} | peft_tuners
+    assert {n for n in list_strategies() if get_strategy(n).merge is Merge.NOT_FOLDABLE} == {"adapter", "prefix",
+                                                                                            "prompt"}
+    assert {n for n in list_strategies() if get_strategy(n).save_format is SaveFormat.PEFT_ADAPTER} == {
+        "lora", "peft", "prefix", "prompt"} | peft_tuners
     assert get_strategy("full").save_format is SaveFormat.WHOLE_MODEL
+    assert {n for n in list_strategies() if get_strategy(n).after_optimizer_step} == {"adalora"}
 
 
 @pytest.mark.parametrize("family,name,options", list(built_in_cases(["bert", "cnn"])))
@@ -220,7 +224,8 @@ def test_strategy_registered_outside_trains_saves_loads_and_merges(external, tmp
 
 
 def test_readme_registration_examples_run(tmp_path):
-    """The README's "new strategy" snippets register working strategies (layernorm, peft's ia3) as they are written."""
+    """The README's "new strategy" snippets register working strategies (layernorm, peft's ia3 on query/value) as
+    they are written."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     start, end = readme.index("A new strategy is one function plus one registration:"), readme.index("## Benchmarks")
     section = readme[start:end]
@@ -231,7 +236,7 @@ def test_readme_registration_examples_run(tmp_path):
         for snippet in snippets:
             exec(snippet, namespace)
         added = set(list_strategies()) - registered
-        assert added == {"layernorm", "ia3"}
+        assert added == {"layernorm", "ia3_qv"}
         batch = example_batch("bert")
         for name in sorted(added):
             model = apply_strategy(build("bert"), name)

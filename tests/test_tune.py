@@ -99,7 +99,8 @@ BAD_SPACES = [
     ("empty range", "params: {train.lr: {low: 1.0e-2, high: 1.0e-4}}", "params.train.lr: empty range: low 0.01 > high"),
     ("empty choices", "params: {train.batch_size: []}", "params.train.batch_size: empty list of choices"),
     ("option on the wrong strategy", "strategy: [lora, head]\nstrategies: {head: {r: [4, 8]}}",
-     "strategies.head.r: strategy 'head' has no option 'r' (its options: none); r is an option of lora"),
+     "strategies.head.r: strategy 'head' has no option 'r' (its options: none); r is an option of loha, lokr, "
+     "lora, vera"),
     ("another strategy's option by its full key",
      "strategy: [lora, adapter]\nstrategies: {adapter: {strategy_options.lora.r: [4]}}",
      "strategy_options.lora.r is an option of strategy 'lora', not 'adapter'; move it under strategies.lora"),

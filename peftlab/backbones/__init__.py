@@ -41,7 +41,8 @@ from peftlab.errors import PeftlabError
 
 __all__ = ["Backbone", "EFFICIENTNET_LITE_MEAN", "EFFICIENTNET_LITE_STD", "PACKAGED_BACKBONES", "PLAIN_BUILDERS",
            "PackagedBackbone", "TorchImageClassifier", "build_efficientnet_lite", "build_from_config",
-           "check_max_length", "position_limit", "list_model_configs", "load_backbone", "load_base", "portable_name", "set_dropout"]
+           "check_max_length", "position_limit", "list_model_configs", "load_backbone", "load_base", "model_position_limit",
+           "portable_name", "set_dropout"]
 
 
 def load_base(model_cfg, *, task: Task, label_names: Sequence[str]) -> Backbone:
@@ -86,7 +87,12 @@ def load_backbone(
 
 def position_limit(backbone: Backbone) -> int | None:
     """The longest sequence (in tokens) a text backbone takes, from its position embeddings; None when unknown."""
-    config = getattr(backbone.model, "config", None)
+    return model_position_limit(backbone.model)
+
+
+def model_position_limit(model: nn.Module) -> int | None:
+    """`position_limit` of a text model itself (e.g. the base of a peft model)."""
+    config = getattr(model, "config", None)
     limit = getattr(config, "max_position_embeddings", None)
     if limit and getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
         limit -= 2  # RoBERTa-style position ids start after the padding index: 514 positions hold 512 tokens

@@ -2,8 +2,13 @@
 
 A strategy is a plain function `(model, options, head_modules) -> model` that freezes, wraps or injects.
 It never trains, logs or saves. Register a new one with `@register_strategy("name", OptionsDataclass, ...)`, whose
-keyword arguments fill its `StrategyRecord` (how it saves, loads and merges, caching, parameter groups, an after-step
-hook; see `peftlab.strategies.registry`). The rest of peftlab reads that record, never the strategy's name.
+keyword arguments fill its `StrategyRecord` (how it saves, loads and merges, caching, parameter groups, hooks before
+training and after each step; see `peftlab.strategies.registry`). The rest of peftlab reads that record, never the
+strategy's name.
+
+Built in: full, head, partial, bitfit (`freezing`), lora with its initialisations (`lora`), adapter (`adapter`), and
+peft's other methods (`peft_methods`): `peft` for any peft tuner by name, and prefix, prompt, ia3, vera, loha, lokr,
+adalora by their own names.
 """
 
 from __future__ import annotations
@@ -23,18 +28,21 @@ from peftlab.strategies.registry import (
     Merge,
     SaveFormat,
     StrategyRecord,
+    TrainingStart,
     applied_strategy,
     get_strategy,
     list_strategies,
     peft_base_name,
     register_strategy,
+    strategy_record,
     unregister_strategy,
 )
 from peftlab.typed import coerce_value
 
-__all__ = ["AppliedStrategy", "Merge", "SaveFormat", "StrategyRecord", "after_step_hook", "applied_strategy",
-           "apply_strategy", "freeze_norm_statistics", "get_strategy", "is_quantized", "list_strategies",
-           "parameter_groups", "peft_base_name", "register_strategy", "set_trainable", "unregister_strategy",
+__all__ = ["AppliedStrategy", "Merge", "SaveFormat", "StrategyRecord", "TrainingStart", "after_step_hook",
+           "applied_strategy", "apply_strategy", "before_training", "configured_record", "freeze_norm_statistics",
+           "get_strategy", "is_quantized", "list_strategies", "parameter_groups", "peft_base_name",
+           "register_strategy", "set_trainable", "strategy_record", "unregister_strategy",
            "validate_strategy_options"]
 
 
@@ -53,6 +61,11 @@ def validate_strategy_options(name: str, options: Optional[dict] = None) -> Any:
     if check:
         check()
     return built
+
+
+def configured_record(name: str, options: Optional[dict] = None) -> StrategyRecord:
+    """The record of strategy `name` with `options` as a config gives them (validated first, defaults filled in)."""
+    return strategy_record(name, dataclasses.asdict(validate_strategy_options(name, options)))
 
 
 def apply_strategy(model: nn.Module, name: str, head_modules: Optional[Sequence[str]] = None, pooling: str = "cls",
@@ -102,6 +115,15 @@ def after_step_hook(model: nn.Module) -> Callable[[int], None]:
     return lambda step: hook(model, step)
 
 
+def before_training(model: nn.Module, start: TrainingStart) -> None:
+    """Run the model's strategy's `before_training` hook, if it has one (also a no-op for models peftlab did not
+    adapt); the training loop calls it before the optimizer takes the trainable parameters."""
+    applied = getattr(model, "peftlab_strategy", None)
+    hook = applied.record.before_training if isinstance(applied, AppliedStrategy) else None
+    if hook is not None:
+        hook(model, start)
+
+
 def set_trainable(model: nn.Module, predicate: Callable[[str, nn.Parameter], bool]) -> None:
     """Freeze every parameter, then unfreeze those for which `predicate(name, param)` holds."""
     for param_name, param in model.named_parameters():
@@ -142,4 +164,4 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 # Importing the modules registers the built-in strategies.
-from peftlab.strategies import adapter, freezing, lora  # noqa: E402,F401
+from peftlab.strategies import adapter, freezing, lora, peft_methods  # noqa: E402,F401

@@ -2,9 +2,10 @@
 
 A strategy is a plain function `(model, options, head_modules) -> model` plus a record saying how its models save,
 load and merge, whether frozen-feature caching applies, where the base model's parameters (and so the head) sit in
-the adapted model, how its trainable parameters group, and what the training loop calls after each optimizer step.
-Saving, merging, counting, caching and the model card read the record; no module outside a strategy's own file
-compares strategy names.
+the adapted model, how its trainable parameters group, and what the training loop calls before training and after each
+optimizer step. Where those depend on the options (the generic `peft` strategy's method, LoRA's initialisation), the
+record's `by_options` says how, and `AppliedStrategy.record` is the record for the options applied. Saving, merging,
+counting, caching and the model card read the record; no module outside a strategy's own file compares strategy names.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from torch import nn
@@ -62,6 +64,18 @@ def peft_base_name(name: str) -> Optional[str]:
 
 
 @dataclass(frozen=True)
+class TrainingStart:
+    """What a strategy's `before_training` hook learns about the run that is about to train."""
+
+    total_steps: int
+    """Optimizer steps the schedule runs (AdaLoRA's `total_step`)."""
+    train_loader: Any
+    """The training DataLoader as the recipe built it (not prepared by accelerate). A hook that reads the data (EVA)
+    builds its own pass from `train_loader.dataset` and `.collate_fn`: iterating this loader would draw from the
+    random state that orders the training batches."""
+
+
+@dataclass(frozen=True)
 class StrategyRecord:
     """One registered strategy: its function, its options, and what the rest of peftlab needs to know about it."""
 
@@ -85,6 +99,20 @@ class StrategyRecord:
     after_optimizer_step: Optional[Callable[[nn.Module, int], None]] = None
     """Called by the training loop as `hook(model, step)` right after each optimizer step, before the gradients are
     zeroed; `step` counts from 0 (e.g. peft AdaLoRA's `model.base_model.update_and_allocate(step)`)."""
+    before_training: Optional[Callable[[nn.Module, TrainingStart], None]] = None
+    """Called by the training loop as `hook(model, start)` once the schedule's length is known and before the
+    optimizer takes the trainable parameters, which the hook may still reshape (AdaLoRA's schedule, EVA's
+    data-driven initialisation). A resumed run calls it again, before the checkpoint's weights are loaded."""
+    prepare_base: Optional[Callable[[nn.Module], None]] = None
+    """What the strategy changes on the base model itself besides wrapping it, redone by `load_trained` on a fresh
+    base before peft loads the adapter. Its docstring's first line says why, for the model card (which cannot
+    give loading lines for transformers and peft alone then)."""
+    save_adapter: Optional[Callable[[nn.Module, Path], None]] = None
+    """PEFT_ADAPTER only: writes peft's files into the folder in place of `model.save_pretrained(folder)` (LoRA
+    initialisations that rewrite the base weights save the equivalent LoRA for the original base)."""
+    by_options: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None
+    """Fields of this record that depend on the options: `options -> {field: value}` (the options as plain data, as
+    `AppliedStrategy.options` holds them). The generic `peft` strategy's merge, hooks and names follow its method."""
 
     def __post_init__(self):
         if (self.merge is Merge.NOT_FOLDABLE) != bool(self.cannot_merge_because):
@@ -99,8 +127,8 @@ def register_strategy(name: str, options_cls: type, **record_fields: Any):
 
     Args:
         record_fields: `StrategyRecord` fields after `options_cls` (`save_format`, `merge`, `cannot_merge_because`,
-            `caches_frozen_features`, `base_name`, `parameter_groups`, `after_optimizer_step`); the defaults fit a
-            strategy that only chooses what trains.
+            `caches_frozen_features`, `base_name`, `parameter_groups`, `after_optimizer_step`, `before_training`,
+            `prepare_base`, `save_adapter`, `by_options`); the defaults fit a strategy that only chooses what trains.
     """
 
     def decorator(fn):
@@ -129,6 +157,14 @@ def get_strategy(name: str) -> StrategyRecord:
     return _REGISTRY[name]
 
 
+def strategy_record(name: str, options: dict[str, Any]) -> StrategyRecord:
+    """The record of strategy `name` applied with `options` (plain data): its `by_options` fields filled in."""
+    record = get_strategy(name)
+    if record.by_options is None:
+        return record
+    return dataclasses.replace(record, **record.by_options(options))
+
+
 @dataclass(frozen=True)
 class AppliedStrategy:
     """What `apply_strategy` did to a model, attached as `model.peftlab_strategy`: enough to redo it on a fresh base.
@@ -145,7 +181,8 @@ class AppliedStrategy:
 
     @property
     def record(self) -> StrategyRecord:
-        return get_strategy(self.name)
+        """The strategy's record for these options (see `StrategyRecord.by_options`)."""
+        return strategy_record(self.name, self.options)
 
     def to_json(self) -> dict[str, Any]:
         """The `peftlab_strategy.json` content."""
