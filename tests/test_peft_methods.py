@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import default_collate
+from transformers import BatchEncoding
 
 import peftlab
 from peftlab import PeftlabError, apply_strategy, count_parameters
@@ -195,7 +197,9 @@ def test_eva_initialises_from_the_training_data():
     model = apply_strategy(build("bert"), "lora", r=4, init="eva").train()
     batches = [example_batch("bert", seed=seed) for seed in range(8)]
     examples = [{k: v[i] for k, v in batch.items()} for batch in batches for i in range(len(batch["labels"]))]
-    loader = torch.utils.data.DataLoader(examples, batch_size=4, shuffle=True)
+    # batches as the recipes' collator gives them: a BatchEncoding, not a dict
+    loader = torch.utils.data.DataLoader(examples, batch_size=4, shuffle=True,
+                                         collate_fn=lambda rows: BatchEncoding(default_collate(rows)))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n}
     before_training(model, TrainingStart(total_steps=10, train_loader=loader))
     for name, param in model.named_parameters():

@@ -164,7 +164,11 @@ def eva_initialise(model: nn.Module, start: TrainingStart) -> None:
     from peft import initialize_lora_eva_weights
 
     loader = start.train_loader
-    in_order = DataLoader(loader.dataset, batch_size=loader.batch_size or 32, collate_fn=loader.collate_fn)
+
+    def collate(examples):  # peft wants a dict, and transformers' collators give a BatchEncoding (a UserDict)
+        return dict(loader.collate_fn(examples))
+
+    in_order = DataLoader(loader.dataset, batch_size=loader.batch_size or 32, collate_fn=collate)
     was_training = model.training
     model.eval()
     try:
