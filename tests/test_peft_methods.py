@@ -76,6 +76,15 @@ CASES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: these matrices are tiny, and on a shared CPU waiting OpenMP threads stall them (as tiny_train.run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def base_name(name: str) -> str:
     """An adapted parameter's name in the base model, for peft's wrappers (an independent statement of the record's
     base_name: tuners keep the model as base_model.model, prompt learning as base_model)."""

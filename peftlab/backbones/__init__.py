@@ -41,8 +41,8 @@ from peftlab.errors import PeftlabError
 
 __all__ = ["Backbone", "EFFICIENTNET_LITE_MEAN", "EFFICIENTNET_LITE_STD", "PACKAGED_BACKBONES", "PLAIN_BUILDERS",
            "PackagedBackbone", "TorchImageClassifier", "build_efficientnet_lite", "build_from_config",
-           "check_max_length", "position_limit", "list_model_configs", "load_backbone", "load_base", "model_position_limit",
-           "portable_name", "set_dropout"]
+           "check_max_length", "position_limit", "list_model_configs", "load_backbone", "load_base",
+           "model_position_limit", "portable_name", "set_dropout"]
 
 
 def load_base(model_cfg, *, task: Task, label_names: Sequence[str]) -> Backbone:
