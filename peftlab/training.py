@@ -238,11 +238,14 @@ def evaluate(model, loader, accelerator, compute_metrics) -> EvalOutput:
 
 
 def training_loss(model, batch: dict, class_weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """The model's own loss, or cross-entropy of its logits weighted per class (the head's code stays unchanged)."""
+    """The model's own loss, or cross-entropy of its logits weighted per class (the head's code stays unchanged),
+    plus whatever the model adds to its own cross-entropy (AdaLoRA's orthogonality penalty)."""
+    out = model(**batch)
     if class_weights is None:
-        return model(**batch).loss
-    logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
-    return F.cross_entropy(logits.float(), batch["labels"], weight=class_weights.to(logits.device))
+        return out.loss
+    logits, labels = out.logits.float(), batch["labels"]
+    added = out.loss - F.cross_entropy(logits, labels)  # 0 for a plain classifier
+    return F.cross_entropy(logits, labels, weight=class_weights.to(logits.device)) + added
 
 
 def _per_sample_loss(out, labels: torch.Tensor) -> torch.Tensor:

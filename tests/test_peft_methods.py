@@ -194,6 +194,20 @@ def test_adalora_allocates_ranks_on_the_training_schedule(tmp_path):
     torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), atol=1e-5, rtol=0)
 
 
+def test_adalora_keeps_its_orthogonality_penalty_under_class_weights():
+    """train.class_weights replaces the model's cross-entropy, not what AdaLoRA adds to it."""
+    from peftlab.training import training_loss
+
+    model = apply_strategy(build("bert"), "adalora", init_r=4, target_r=2)
+    train_steps(model, example_batch("bert"))  # P and Q away from orthogonal; eval mode after: no dropout
+    batch = example_batch("bert")
+    penalty = model(**batch).loss - torch.nn.functional.cross_entropy(model(**batch).logits, batch["labels"])
+    assert penalty > 1e-4
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    weighted = torch.nn.functional.cross_entropy(model(**batch).logits, batch["labels"], weight=weights)
+    torch.testing.assert_close(training_loss(model, batch, weights), weighted + penalty, atol=1e-6, rtol=0)
+
+
 def test_adalora_schedule_needs_a_budgeting_phase():
     model = apply_strategy(build("bert"), "adalora", warmup_fraction=0.4, final_fraction=0.5)
     with pytest.raises(PeftlabError, match=r"^AdaLoRA needs steps between its warm-up \(1 steps\) and its final "
