@@ -245,7 +245,11 @@ def training_loss(model, batch: dict, class_weights: Optional[torch.Tensor]) -> 
         return out.loss
     logits, labels = out.logits.float(), batch["labels"]
     added = out.loss - F.cross_entropy(logits, labels)  # 0 for a plain classifier
-    return F.cross_entropy(logits, labels, weight=class_weights.to(logits.device)) + added
+    # The mean of the weighted per-example losses, not torch's default sum(w l) / sum(w): that normaliser depends
+    # on which classes a batch holds, so 2 processes x 8 examples would train differently from 1 x 16. The weights
+    # average 1 over the training set (peftlab.data_rules), so the loss keeps its scale.
+    weighted = F.cross_entropy(logits, labels, weight=class_weights.to(logits.device), reduction="none")
+    return weighted.mean() + added
 
 
 def _per_sample_loss(out, labels: torch.Tensor) -> torch.Tensor:

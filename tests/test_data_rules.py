@@ -126,9 +126,12 @@ def test_weighted_training_loss_is_class_weighted_cross_entropy():
     weights = torch.tensor([1.0, 2.0, 0.5])
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     per_example = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
-    expected = (per_example * weights[batch["labels"]]).sum() / weights[batch["labels"]].sum()
+    expected = (per_example * weights[batch["labels"]]).mean()  # not / sum(w): see training_loss
     assert torch.allclose(training_loss(model, batch, weights), expected, atol=1e-6)
     assert not torch.allclose(training_loss(model, batch, weights), plain)
+    # Two processes (or accumulated micro-batches) of 2 average to the loss of the batch of 4, as without weights.
+    halves = [training_loss(model, {k: v[i:i + 2] for k, v in batch.items()}, weights) for i in (0, 2)]
+    assert torch.allclose((halves[0] + halves[1]) / 2, training_loss(model, batch, weights), atol=1e-6)
 
 
 def test_a_run_on_imbalanced_data_records_its_rules(tmp_path):
