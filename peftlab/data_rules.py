@@ -141,8 +141,8 @@ def metric_for_best(cfg, task: Optional[str]) -> str:
     if cfg.train.metric_for_best != "auto":
         return cfg.train.metric_for_best
     if task is None:
-        raise PeftlabError("train.metric_for_best=auto needs a text or image recipe; set it explicitly, e.g. "
-                           "train.metric_for_best=accuracy")
+        raise PeftlabError("train.metric_for_best=auto needs to know the recipe's task: set it explicitly, e.g. "
+                           "train.metric_for_best=accuracy, or give your recipe module TASK = 'text' or 'image'")
     from peftlab.data import load_data
 
     _, ratio = label_balance(load_data(cfg.data, task))

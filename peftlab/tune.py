@@ -336,7 +336,8 @@ def tune(args: argparse.Namespace, argv: list[str]) -> int:
     recipe = load_recipe_module(program)
     config = args.config or (str(recipe.DEFAULT_CONFIG) if getattr(recipe, "DEFAULT_CONFIG", None) else None)
     base = load_config(config, args.overrides)
-    metric = metric_for_best(base, program.task)  # `auto` follows the labels, as in each trial's run
+    # `auto` follows the labels, as in each trial's run; a recipe script of your own names its task with TASK.
+    metric = metric_for_best(base, program.task or getattr(recipe, "TASK", None))
     space = load_search_space(args.space, config, args.overrides)  # every key and range, before any work
     if args.multi_objective and args.pruner != "none":
         print("multi-objective study: pruning is off (Optuna's pruners judge a single objective)", file=sys.stderr)

@@ -12,6 +12,7 @@ from peftlab.training import evaluation_listener
 
 _text = load_recipe_module(recipe_program("text"))
 DEFAULT_CONFIG = _text.DEFAULT_CONFIG
+TASK = "text"  # what `peftlab tune` resolves train.metric_for_best=auto with
 
 
 def main(cfg):
