@@ -12,6 +12,10 @@ A grid file (`benchmarks/grids/<name>.yaml`) holds:
 A cell's overrides are defaults + backbone + strategy + task + seed, in that order, so a later one wins.
 A label may also say what its cells run instead of the grid's recipe: `{job: trainer_text, overrides: [...]}` (a job
 registered in peftlab.harness.programs) or `{recipe: image_classification, overrides: [...]}`.
+A strategy label may fuse another label's cells (issue 16): `full-greedy-soup: {fuse: full, method: greedy-soup}`
+is one cell per backbone and task, `<backbone>__<task>__full-greedy-soup__seeds0-1-2`, that runs the `fuse` job
+(`peftlab fuse`, method ensemble, uniform-soup or greedy-soup) on the run folders of that label's cells over every
+seed; it comes after them in the grid, and fails in one line naming the cell to re-run when a run folder is missing.
 A grid may compare its strategies in pairs: `pairs: {lora: [lora-trainer, lora-recipe]}` runs, for each pair and
 seed, side a then side b back to back (so both meet about the same load), and the report tabulates b against a.
 A grid may start from another: `base: text_minilm.yaml` (relative to the file) takes that grid's keys, replaces
@@ -28,7 +32,7 @@ import yaml
 
 from peftlab.errors import PeftlabError
 from peftlab.harness import programs
-from peftlab.harness.programs import REPO_ROOT, Program
+from peftlab.harness.programs import RECIPE_TASKS, REPO_ROOT, Program
 
 AXES = ("backbones", "strategies", "tasks")
 # Labels become parts of file names: keep them to letters, digits, `.`, `_` and `-`.
@@ -47,7 +51,8 @@ class Cell:
     backbone: str
     strategy: str
     task: str
-    seed: int
+    seed: int | None
+    """None for a fusion cell, which stands for all of its ingredients' seeds."""
     overrides: tuple[str, ...]
     position: dict = field(hash=False, compare=False)
     """Index of the cell's label on each axis, so reports keep the grid's row and column order."""
@@ -57,6 +62,16 @@ class Cell:
     """The pair this cell is a side of, in a grid with `pairs`."""
     side: str | None = None
     """"a" or "b" within its pair."""
+    ingredients: tuple[str, ...] = ()
+    """The cell ids whose run folders a fusion cell fuses (empty for other cells)."""
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """A strategy label that fuses another label's seeds: `{fuse: <label>, method: <fusion method>}`."""
+
+    of: str
+    method: str
 
 
 @dataclass
@@ -77,6 +92,8 @@ class Grid:
     """`<axis>.<label>` -> the program that label's cells run instead of the grid's recipe."""
     pairs: dict[str, tuple[str, str]] = field(default_factory=dict)
     """Pair name -> (side a, side b) strategy labels."""
+    fusions: dict[str, Fusion] = field(default_factory=dict)
+    """Strategy label -> the label whose cells it fuses, and how."""
 
     def program_of(self, backbone: str, strategy: str, task: str) -> Program:
         """What a cell with these labels runs: the last of its labels that names a program, else the grid's recipe."""
@@ -91,6 +108,10 @@ class Grid:
         for b, (backbone, backbone_overrides) in enumerate(self.backbones.items()):
             for s, (strategy, strategy_overrides) in enumerate(self.strategies.items()):
                 for t, (task, task_overrides) in enumerate(self.tasks.items()):
+                    position = {"backbone": b, "strategy": s, "task": t}
+                    if strategy in self.fusions:
+                        cells.append(self.fusion_cell(backbone, strategy, task, position))
+                        continue
                     for seed in self.seeds:
                         overrides = (*self.defaults, *backbone_overrides, *strategy_overrides, *task_overrides,
                                      f"train.seed={seed}")
@@ -98,13 +119,22 @@ class Grid:
                                            if strategy in sides), (None, None))
                         cells.append(Cell(id=cell_id(backbone, task, strategy, seed), backbone=backbone,
                                           strategy=strategy, task=task, seed=seed, overrides=overrides,
-                                          position={"backbone": b, "strategy": s, "task": t},
+                                          position=position,
                                           program=self.program_of(backbone, strategy, task), pair=pair, side=side))
         if self.pairs:
             pair_order = list(self.pairs)
             cells.sort(key=lambda c: (c.position["backbone"], c.position["task"], pair_order.index(c.pair), c.seed,
                                       c.side))
         return cells
+
+    def fusion_cell(self, backbone: str, strategy: str, task: str, position: dict) -> Cell:
+        """The one cell of a fusion label for this backbone and task: the `fuse` job over the seeds of its label."""
+        fusion = self.fusions[strategy]
+        seeds = "-".join(map(str, self.seeds))
+        return Cell(id=f"{backbone}__{task}__{strategy}__seeds{seeds}", backbone=backbone, strategy=strategy,
+                    task=task, seed=None, overrides=(f"method={fusion.method}",), position=position,
+                    program=programs.fuse_job(RECIPE_TASKS.get(self.recipe)),
+                    ingredients=tuple(cell_id(backbone, task, fusion.of, seed) for seed in self.seeds))
 
 
 def cell_id(backbone: str, task: str, strategy: str, seed: int) -> str:
@@ -121,15 +151,18 @@ def load_grid(path: str | Path) -> Grid:
             raise PeftlabError(f"{path}: {key} is missing or empty")
 
     axes, named = {}, {}
+    fusions = _fusions(raw["strategies"], f"{path}: strategies")
     for axis in AXES:
-        axes[axis], axis_programs = _axis(raw[axis], f"{path}: {axis}")
+        labels = {k: v for k, v in raw[axis].items() if str(k) not in fusions} if axis == "strategies" else raw[axis]
+        axes[axis], axis_programs = _axis(labels, f"{path}: {axis}")
         named.update({f"{axis}.{label}": program for label, program in axis_programs.items()})
+    axes["strategies"] = {str(label): axes["strategies"].get(str(label), []) for label in raw["strategies"]}
     grid = Grid(
         name=path.stem, path=path, recipe=str(raw["recipe"]), config=raw.get("config"),
         env={**DEFAULT_ENV, **{str(k): str(v) for k, v in (raw.get("env") or {}).items()}},
         defaults=_overrides(raw.get("defaults"), f"{path}: defaults"), **axes,
         seeds=_seeds(raw["seeds"], f"{path}: seeds"), programs=named,
-        pairs=_pairs(raw.get("pairs"), list(axes["strategies"]), f"{path}: pairs"),
+        pairs=_pairs(raw.get("pairs"), list(axes["strategies"]), f"{path}: pairs"), fusions=fusions,
     )
     programs.recipe(grid.recipe, str(path))  # a missing recipe fails here, in one line
     if grid.config is not None and not (REPO_ROOT / grid.config).is_file():
@@ -183,6 +216,35 @@ def _axis(value, where: str) -> tuple[dict[str, list[str]], dict[str, Program]]:
             entry = overrides
         axis[label] = _overrides(entry, f"{where}.{label}")
     return axis, named
+
+
+def _fusions(value, where: str) -> dict[str, Fusion]:
+    """{label: Fusion} of the strategy labels written `{fuse: <label>, method: <method>}`; the fused label must be an
+    earlier strategy that trains (its cells run first), the method one `peftlab fuse` knows."""
+    from peftlab.fuse import METHODS
+
+    if not isinstance(value, dict):
+        return {}  # _axis reports the shape
+    fusions, earlier = {}, []
+    for label, entry in value.items():
+        label = str(label)
+        if not (isinstance(entry, dict) and "fuse" in entry):
+            earlier.append(label)
+            continue
+        if set(entry) != {"fuse", "method"}:
+            raise PeftlabError(f"{where}.{label}: a fusion row holds `fuse: <strategy label>` and `method: "
+                               f"<{'|'.join(METHODS)}>`, got keys {sorted(entry)}")
+        of, method = str(entry["fuse"]), str(entry["method"])
+        if of not in earlier:
+            raise PeftlabError(f"{where}.{label}: fuse: {of!r} is not a strategy label above it (labels: "
+                               f"{', '.join(earlier)})")
+        if method not in METHODS:
+            raise PeftlabError(f"{where}.{label}: method {method!r} is not a fusion method (choose one of: "
+                               f"{', '.join(METHODS)})")
+        if not _LABEL.match(label) or "__" in label:
+            raise PeftlabError(f"{where}: label {label!r} must use letters, digits, '.', '_' or '-'")
+        fusions[label] = Fusion(of, method)
+    return fusions
 
 
 def _pairs(value, strategies: list[str], where: str) -> dict[str, tuple[str, str]]:

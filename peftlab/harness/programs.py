@@ -8,6 +8,7 @@ model's evaluation. Register one with `register_job`; grids name it with `{job: 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,13 @@ register_job("tfidf_svm", "benchmarks/tfidf_baseline.py", task="text")
 register_job("accelerate_text", "benchmarks/accelerate_launch.py", args=("text_classification",), task="text")
 register_job("accelerate_text_ddp2", "benchmarks/accelerate_launch.py",
              args=("--processes", "2", "text_classification"), task="text")
+# A grid's fusion rows (`{fuse: <label>, method: ...}`, peftlab.harness.grid): `peftlab fuse` on other cells' runs.
+register_job("fuse", "benchmarks/fuse_cell.py")
+
+
+def fuse_job(task: str | None) -> Program:
+    """The `fuse` job for a grid whose recipe reads `task` data (so the record's data hash is the ingredients')."""
+    return dataclasses.replace(JOBS["fuse"], task=task)
 
 
 def recipe(name: str, where: str) -> Program:

@@ -15,7 +15,10 @@ retired speed.py's per-case records renders that table between `<!-- speed:table
 committed record and exits 1 unless every re-run lies within its row's spread over seeds; it writes nothing.
 
 Table layout follows the LoRA paper (Hu et al. 2021, Table 2): one row per method with its trainable parameters,
-one column per task, then the average; each entry is mean ± std over seeds, in percent.
+one column per task, then the average; each entry is mean ± std over seeds, in percent. A grid with fusion rows
+(`{fuse: <label>, method: ...}`, one fused model over that label's seeds) gets a single value in those rows, two more
+columns (the best single seed: the test score of the seed with the best validation score, and the inference cost in
+forward passes per prediction) and a second plot, <metric>_vs_inference_cost.png.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import re
 import shlex
@@ -84,6 +88,21 @@ class Row:
     def records(self) -> list[dict]:
         return [r for records in self.by_task.values() for r in records]
 
+    @property
+    def fused(self) -> bool:
+        """Whether this row fuses another row's seeds (one record per task, no seed of its own)."""
+        return any(r.get("ingredients") for r in self.records)
+
+    def best_seed(self, task: str, split: str, metric: str) -> float | None:
+        """The `split` metric (percent) of the seed with the best validation metric: the single run one would pick
+        without looking at the test set (ties: the lower seed)."""
+        records = sorted(self.by_task.get(task, []), key=lambda r: (-r["metrics"]["validation"][metric], r["seed"]))
+        return 100 * records[0]["metrics"][split][metric] if records else None
+
+    def inference_cost(self) -> list[int]:
+        """Distinct forward passes per prediction over this row's records (records made before it was kept: 1)."""
+        return sorted({r.get("inference_cost", 1) for r in self.records})
+
     def stat(self, task: str, split: str, metric: str) -> Stat | None:
         """The metric (in percent) over this row's seeds on `task`, or None when no seed finished."""
         values = [100 * r["metrics"][split][metric] for r in self.by_task.get(task, [])]
@@ -104,8 +123,10 @@ class Row:
         return sorted({r["parameters"][key] for r in self.records})
 
     def cost(self, key: str) -> float:
-        """Mean of a cost field (train_time_s, samples_per_s, peak_memory_mb, model_size_bytes) over records."""
-        return statistics.fmean(r[key] for r in self.records)
+        """Mean of a cost field (train_time_s, samples_per_s, peak_memory_mb, model_size_bytes) over records; NaN
+        where a record has none (a fusion trains nothing, so has no samples/s)."""
+        values = [r[key] for r in self.records]
+        return float("nan") if None in values else statistics.fmean(values)
 
 
 @dataclass
@@ -121,13 +142,17 @@ class Summary:
 
     @property
     def seeds(self) -> list[int]:
-        return sorted({r["seed"] for r in self.records})
+        return sorted({r["seed"] for r in self.records} - {None})
+
+    @property
+    def has_fusions(self) -> bool:
+        return any(row.fused for row in self.rows)
 
 
 def summarize(records: list[dict]) -> Summary:
     """Group finished records into (backbone, strategy) rows and task columns, keeping the grid's order."""
     records = sorted(records, key=lambda r: (r["position"]["backbone"], r["position"]["strategy"],
-                                             r["position"]["task"], r["seed"]))
+                                             r["position"]["task"], -1 if r["seed"] is None else r["seed"]))
     finished = [r for r in records if r["status"] == "ok"]
     tasks = list(dict.fromkeys(r["task"] for r in sorted(records, key=lambda r: r["position"]["task"])))
     rows: dict[tuple[str, str], Row] = {}
@@ -165,7 +190,8 @@ def results_table(summary: Summary, split: str = "test", metric: str = "accuracy
     expected = len(summary.seeds)
     header = (["Backbone"] if multi_backbone else []) + [
         "Method", "# Trainable params (w/o head)", "with head", "% of all"] + summary.tasks + (
-        ["Avg."] if multi_task else [])
+        ["Avg."] if multi_task else []) + (
+        ["best single seed", "inference cost (forward passes)"] if summary.has_fusions else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * (2 if multi_backbone else 1)
                                                             + ["---:"] * (len(header) - (2 if multi_backbone else 1))) + "|"]
     for row in summary.rows:
@@ -179,10 +205,14 @@ def results_table(summary: Summary, split: str = "test", metric: str = "accuracy
                 cells.append("—")
                 continue
             text = f"{stat.mean:.1f} ± {stat.std:.1f}" if stat.n > 1 else f"{stat.mean:.1f}"
-            cells.append(text + (f" (n={stat.n})" if stat.n < expected else ""))
+            cells.append(text + (f" (n={stat.n})" if stat.n < (1 if row.fused else expected) else ""))
         if multi_task:
             average = row.average(summary.tasks, split, metric)
             cells.append("—" if average is None else f"{average:.1f}")
+        if summary.has_fusions:
+            best = [row.best_seed(task, split, metric) for task in summary.tasks]
+            cells.append("—" if row.fused or None in best else f"{statistics.fmean(best):.1f}")
+            cells.append(_counts(row.inference_cost(), str))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -199,7 +229,9 @@ def cost_table(summary: Summary) -> str:
     for row in summary.rows:
         name = f"{row.backbone} {row.strategy}" if len({r.backbone for r in summary.rows}) > 1 else row.strategy
         precision = ", ".join(sorted({precision_name(r) for r in row.records}))
-        lines.append(f"| {name} | {row.cost('train_time_s'):.0f} | {row.cost('samples_per_s'):.1f} | "
+        samples_per_s = row.cost("samples_per_s")
+        lines.append(f"| {name} | {row.cost('train_time_s'):.0f} | "
+                     f"{'—' if math.isnan(samples_per_s) else f'{samples_per_s:.1f}'} | "
                      f"{row.cost('wall_time_s'):.0f} | "
                      f"{row.cost('peak_memory_mb'):.0f} | {row.cost('model_size_bytes') / 2**20:.2f} MB | {precision} |")
     return "\n".join(lines)
@@ -244,8 +276,8 @@ def write_csvs(summary: Summary, out_dir: Path) -> tuple[Path, Path]:
                                  *[f"{v:.4f}" for s in stats for v in (s.mean, s.std)],
                                  params["trainable"], params["trainable_without_head"], params["trainable_percent"],
                                  params["total"],
-                                 *[f"{statistics.fmean(r[k] for r in records):.2f}"
-                                   for k in ("train_time_s", "samples_per_s", "peak_memory_mb", "model_size_bytes")]])
+                                 *[f"{statistics.fmean(r[k] for r in records):.2f}" if records[0][k] is not None
+                                   else "" for k in ("train_time_s", "samples_per_s", "peak_memory_mb", "model_size_bytes")]])
     with open(cells_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["cell", "status", "backbone", "strategy", "task", "seed", "test_accuracy", "test_macro_f1",
@@ -310,6 +342,54 @@ def plot(summary: Summary, path: Path, split: str = "test", metric: str = "accur
     return path
 
 
+def plot_inference_cost(summary: Summary, path: Path, split: str = "test", metric: str = "accuracy") -> Path:
+    """Metric against forward passes per prediction, per fused family: each single seed, their mean ± std, the best
+    seed by validation, and each fusion of those seeds (soups at 1 pass, ensembles at one per member)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {(row.backbone, row.strategy): row for row in summary.rows}
+    strategy_of = {r["cell"]: r["strategy"] for r in summary.records}
+    families = list(dict.fromkeys((row.backbone, strategy_of[row.records[0]["ingredients"][0]])
+                                  for row in summary.rows if row.fused and row.records[0]["ingredients"][0]
+                                  in strategy_of))
+    markers = {"ensemble": "^", "uniform-soup": "s", "greedy-soup": "D"}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (backbone, family) in enumerate(families):
+        color, shift = plt.cm.tab10(i % 10), 0.06 * (i - (len(families) - 1) / 2)  # side by side at each cost
+        singles = rows[(backbone, family)]
+        name = family if len({b for b, _ in families}) == 1 else f"{backbone} {family}"
+        values = [100 * r["metrics"][split][metric] for r in singles.records]
+        ax.scatter([1 + shift - 0.02] * len(values), values, color=color, s=12, alpha=0.5)
+        mean = singles.average(summary.tasks, split, metric)
+        ax.errorbar(1 + shift, mean, yerr=singles.spread(summary.tasks, split, metric), fmt="o", color=color,
+                    capsize=3, label=f"{name}: single seeds, mean ± std")
+        best = statistics.fmean(singles.best_seed(task, split, metric) for task in summary.tasks)
+        ax.scatter(1 + shift + 0.02, best, marker="*", s=120, color=color, label=f"{name}: best seed (validation)")
+        for row in summary.rows:
+            if row.fused and strategy_of.get(row.records[0]["ingredients"][0]) == family and row.backbone == backbone:
+                method = row.records[0]["fusion"]["method"]
+                ax.scatter(statistics.fmean(row.inference_cost()) + shift, row.average(summary.tasks, split, metric),
+                           marker=markers.get(method, "x"), s=60, color=color, edgecolors="black",
+                           label=f"{name}: {method}")
+    ax.set_xscale("log", base=2)
+    costs = sorted({c for row in summary.rows for c in row.inference_cost()})
+    ax.set_xticks(costs, [str(c) for c in costs])
+    ax.set_xlim(min(costs) / 1.5, max(costs) * 1.5)
+    ax.set_xlabel("inference cost: forward passes per prediction")
+    ax.set_ylabel(f"{split} {METRICS[metric]} (%)")
+    tasks = summary.tasks[0] if len(summary.tasks) == 1 else f"average of {len(summary.tasks)} tasks"
+    ax.set_title(f"{summary.grid}: {tasks}, seeds {', '.join(map(str, summary.seeds))} and their fusions")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def render(results_dir: Path, out_dir: Path | None = None, *, split: str = "test", metric: str = "accuracy",
            command: str = "") -> tuple[Summary, dict[str, Path]]:
     """Write table.md, summary.csv, cells.csv and the plot for one grid's records into `out_dir` (default: there).
@@ -325,9 +405,12 @@ def render(results_dir: Path, out_dir: Path | None = None, *, split: str = "test
     summary = summarize(load_records(results_dir))
     paths = dict(zip(("summary_csv", "cells_csv"), write_csvs(summary, out_dir)))
     paths["plot"] = plot(summary, out_dir / f"{metric}_vs_params.png", split, metric)
+    if summary.has_fusions:
+        paths["cost_plot"] = plot_inference_cost(summary, out_dir / f"{metric}_vs_inference_cost.png", split, metric)
     paths["table"] = out_dir / "table.md"
     summary.commands = [run_command(summary, results_dir), command or f"python benchmarks/report.py {results_dir}"]
-    paths["table"].write_text(markdown_report(summary, split, metric, plot_link=paths["plot"].name))
+    paths["table"].write_text(markdown_report(summary, split, metric, plot_link=paths["plot"].name,
+                                              cost_plot_link=paths["cost_plot"].name if "cost_plot" in paths else None))
     return summary, paths
 
 
@@ -342,14 +425,20 @@ def run_command(summary: Summary, results_dir: Path) -> str:
     return shlex.join(["python", "benchmarks/run.py", summary.grid_file, *elsewhere])
 
 
-def markdown_report(summary: Summary, split: str, metric: str, *, plot_link: str) -> str:
-    """The results table, the cost table, failures, the plot and the commands that reproduce them."""
+def markdown_report(summary: Summary, split: str, metric: str, *, plot_link: str,
+                    cost_plot_link: str | None = None) -> str:
+    """The results table, the cost table, failures, the plots and the commands that reproduce them."""
     seeds = (f"mean ± std over seeds {', '.join(map(str, summary.seeds))}" if len(summary.seeds) > 1
              else f"seed {summary.seeds[0]}")
     parts = [
         f"**{summary.grid}** — {split} {METRICS[metric]} (%), {seeds}. Trainable parameters counted without the "
         "task head (the LoRA paper's rule), then with it, and as a share of all parameters.",
         "", results_table(summary, split, metric), "",
+        *(["Fusion rows (`peftlab fuse`) are one model made from the seeds of the row they name, scored once in fp32 "
+           "(the other rows are the recipe's bf16-autocast evaluation where the CPU has it); their train time is the "
+           "ingredients' training plus the fusion. Best single seed: the test score of the seed with the best "
+           "validation score. Inference cost: forward passes per prediction (an ensemble runs each member).", ""]
+          if summary.has_fusions else []),
         "Cost per cell, mean over seeds and tasks. Train time and samples/s are the recipe's own (training steps and "
         "evaluations; samples/s counts training steps only); wall time is the whole subprocess (imports, data, "
         "test). Peak memory is the process's max RSS on CPU, CUDA max allocated on GPU. `model/` is what a run "
@@ -360,6 +449,8 @@ def markdown_report(summary: Summary, split: str, metric: str, *, plot_link: str
     if summary.failed:
         parts += ["Failed cells (from their records):", "", failures_list(summary), ""]
     parts += [f"![{split} {METRICS[metric]} against trainable parameters]({plot_link})", "",
+              *([f"![{split} {METRICS[metric]} against inference cost]({cost_plot_link})", ""] if cost_plot_link
+                else []),
               f"Provenance: {provenance_line(summary)}", "", "Reproduce:", "", "```", *summary.commands, "```", ""]
     return "\n".join(parts)
 
@@ -475,7 +566,9 @@ def main(argv=None) -> int:
             summary, paths = render(args.results, args.out, split=args.split, metric=args.metric, command=command)
             for readme in args.readme:
                 block = markdown_report(summary, args.split, args.metric,
-                                        plot_link=relative_link(paths["plot"], readme.parent))
+                                        plot_link=relative_link(paths["plot"], readme.parent),
+                                        cost_plot_link=relative_link(paths["cost_plot"], readme.parent)
+                                        if "cost_plot" in paths else None)
                 update_readme(readme, summary.grid, block)
     except PeftlabError as err:
         print(f"error: {err}", file=sys.stderr)

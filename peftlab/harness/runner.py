@@ -151,9 +151,24 @@ def claim(lock: Path):
 
 def cell_command(grid: Grid, cell: Cell, run_dir: Path | str) -> list[str]:
     """The script arguments of a cell (a recipe or a job): the grid's overrides, then the run folder (replaced if a
-    partial run is there)."""
+    partial run is there). A fusion cell gets its method and its ingredients' run folders (beside its own) instead."""
+    if cell.ingredients:
+        runs = ",".join(str(Path(run_dir).parent / ingredient) for ingredient in cell.ingredients)
+        return [*cell.program.command(), *cell.overrides, f"runs={runs}", f"output_dir={run_dir}", "overwrite=true"]
     config = ["--config", grid.config] if grid.config else []
     return [*cell.program.command(), *config, *cell.overrides, f"output_dir={run_dir}", "overwrite=true"]
+
+
+def missing_ingredient(grid: Grid, cell: Cell, runs_dir: Path) -> str | None:
+    """Why a fusion cell cannot run (an ingredient's run folder is not there: runs/ is not committed), with the
+    command that re-runs it, or None."""
+    for ingredient in cell.ingredients:
+        if not (runs_dir / ingredient / "metrics.json").is_file():
+            # Its committed record would make the runner skip it: re-run into another records folder.
+            return (f"the run folder of {ingredient} is missing ({shown_path(runs_dir / ingredient)}); re-run it: "
+                    f"python benchmarks/run.py {shown_path(grid.path)} --only {ingredient} --runs "
+                    f"{shown_path(runs_dir)} --results <a scratch folder>")
+    return None
 
 
 def run_cell(grid: Grid, cell: Cell, runs_dir: Path, *, timeout_s: float | None = None) -> dict:
@@ -163,12 +178,17 @@ def run_cell(grid: Grid, cell: Cell, runs_dir: Path, *, timeout_s: float | None 
     command = [sys.executable, *cell_command(grid, cell, run_dir)]
     env = {**os.environ, **grid.env}
     source = source_fingerprint(cell.program)  # taken at launch: the code the subprocess imports
+    missing = missing_ingredient(grid, cell, runs_dir)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         try:
-            returncode = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, timeout=timeout_s).returncode
-            error = None if returncode == 0 else error_line(log_path)
+            if missing:
+                returncode, error = None, missing
+                log.write(f"error: {error}\n")
+            else:
+                returncode = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, timeout=timeout_s).returncode
+                error = None if returncode == 0 else error_line(log_path)
         except subprocess.TimeoutExpired:
             returncode, error = None, f"timed out after {timeout_s:g} s"
     wall_time_s = time.perf_counter() - start
@@ -178,6 +198,7 @@ def run_cell(grid: Grid, cell: Cell, runs_dir: Path, *, timeout_s: float | None 
         "status": "ok", "backbone": cell.backbone, "strategy": cell.strategy, "task": cell.task, "seed": cell.seed,
         "position": cell.position, "kind": cell.program.kind, "program": cell.program.name,
         **({"pair": cell.pair, "side": cell.side} if cell.pair else {}),
+        **({"ingredients": list(cell.ingredients)} if cell.ingredients else {}),
         "overrides": list(cell.overrides), "env": grid.env,
         "command": shlex.join(["python", *cell_command(grid, cell, shown_path(run_dir))]),
         "returncode": returncode, "wall_time_s": round(wall_time_s, 2), "log": shown_path(log_path),
@@ -224,7 +245,11 @@ def _run_outputs(task: str | None, run_dir: Path) -> dict:
         "cpu_threads": metrics.get("cpu_threads"),  # per process; absent from runs made before it was recorded
         "phases_s": metrics.get("phases_s"),  # absent from runs made before the engine timed its phases
         "data_rules": metrics.get("data_rules"),  # what `auto` chose from the data (length, weights, metric) and why
-        "model_size_bytes": folder_size(run_dir / "model"),
+        # An ensemble's members sit beside its model/ (which holds only how to combine them).
+        "model_size_bytes": folder_size(run_dir / "model") + folder_size(run_dir / "members"),
+        # Forward passes per prediction: one for a trained model or a soup, one per member for an ensemble.
+        "inference_cost": metrics.get("inference_cost", 1),
+        **({"fusion": metrics["fusion"]} if "fusion" in metrics else {}),
         # `auto` precision depends on the machine: record what it resolved to here (bf16 where the CPU has it). A job
         # that computes in its own precision (scikit-learn's fp64) names it in its metrics.json.
         "mixed_precision": (metrics.get("mixed_precision")
