@@ -318,8 +318,9 @@ def test_fusion_cell_with_a_missing_run_folder_fails_in_one_line_naming_the_cell
 
 def _fused_record(method, accuracy, cost, ingredients=("m__t__lora__seed0", "m__t__lora__seed1", "m__t__lora__seed2")):
     record = _record(f"lora-{method}", None, accuracy, 330 if method == "ensemble" else 110, 1)
+    scores = [{"validation": {"accuracy": a}, "test": {"accuracy": a}} for a in (0.8, 0.82, 0.81)]
     return {**record, "cell": f"m__t__lora-{method}__seeds0-1-2", "ingredients": list(ingredients),
-            "inference_cost": cost, "samples_per_s": None, "fusion": {"method": method}}
+            "inference_cost": cost, "samples_per_s": None, "fusion": {"method": method, "ingredients": scores}}
 
 
 def test_fusion_rows_are_one_value_beside_best_seed_by_validation_and_inference_cost(tmp_path):

@@ -343,45 +343,44 @@ def plot(summary: Summary, path: Path, split: str = "test", metric: str = "accur
 
 
 def plot_inference_cost(summary: Summary, path: Path, split: str = "test", metric: str = "accuracy") -> Path:
-    """Metric against forward passes per prediction, per fused family: each single seed, their mean ± std, the best
-    seed by validation, and each fusion of those seeds (soups at 1 pass, ensembles at one per member)."""
+    """Metric against forward passes per prediction, per fused family: each of its runs, their mean ± std, the best
+    run by validation, and each fusion of them (soups at 1 pass, ensembles at one per member). The single runs are
+    the fused ones as the fusion scored them (fp32, in its metrics.json), so both sides are scored alike."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {(row.backbone, row.strategy): row for row in summary.rows}
-    strategy_of = {r["cell"]: r["strategy"] for r in summary.records}
-    families = list(dict.fromkeys((row.backbone, strategy_of[row.records[0]["ingredients"][0]])
-                                  for row in summary.rows if row.fused and row.records[0]["ingredients"][0]
-                                  in strategy_of))
+    families: dict[tuple[str, str], list[Row]] = {}
+    for row in summary.rows:
+        if row.fused:
+            family = row.records[0]["ingredients"][0].split("__")[2]  # the ingredients' strategy label
+            families.setdefault((row.backbone, family), []).append(row)
     markers = {"ensemble": "^", "uniform-soup": "s", "greedy-soup": "D"}
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (backbone, family) in enumerate(families):
-        color, shift = plt.cm.tab10(i % 10), 0.06 * (i - (len(families) - 1) / 2)  # side by side at each cost
-        singles = rows[(backbone, family)]
+    for i, ((backbone, family), fused_rows) in enumerate(families.items()):
+        color, shift = plt.cm.tab10(i % 10), 0.06 * (i - (len(families) - 1) / 2)  # families side by side
         name = family if len({b for b, _ in families}) == 1 else f"{backbone} {family}"
-        values = [100 * r["metrics"][split][metric] for r in singles.records]
+        # Single-task view: the first task's ingredients (a fusion fuses the runs of one task).
+        ingredients = fused_rows[0].records[0]["fusion"]["ingredients"]
+        values = [100 * i[split][metric] for i in ingredients]
         ax.scatter([1 + shift - 0.02] * len(values), values, color=color, s=12, alpha=0.5)
-        mean = singles.average(summary.tasks, split, metric)
-        ax.errorbar(1 + shift, mean, yerr=singles.spread(summary.tasks, split, metric), fmt="o", color=color,
-                    capsize=3, label=f"{name}: single seeds, mean ± std")
-        best = statistics.fmean(singles.best_seed(task, split, metric) for task in summary.tasks)
-        ax.scatter(1 + shift + 0.02, best, marker="*", s=120, color=color, label=f"{name}: best seed (validation)")
-        for row in summary.rows:
-            if row.fused and strategy_of.get(row.records[0]["ingredients"][0]) == family and row.backbone == backbone:
-                method = row.records[0]["fusion"]["method"]
-                ax.scatter(statistics.fmean(row.inference_cost()) + shift, row.average(summary.tasks, split, metric),
-                           marker=markers.get(method, "x"), s=60, color=color, edgecolors="black",
-                           label=f"{name}: {method}")
+        ax.errorbar(1 + shift, statistics.fmean(values), yerr=Stat(values).std, fmt="o", color=color, capsize=3,
+                    label=f"{name}: single runs, mean ± std")
+        best = max(ingredients, key=lambda i: i["validation"][metric])
+        ax.scatter(1 + shift + 0.02, 100 * best[split][metric], marker="*", s=120, color=color,
+                   label=f"{name}: best run by validation")
+        for row in fused_rows:
+            method = row.records[0]["fusion"]["method"]
+            ax.scatter(statistics.fmean(row.inference_cost()) + shift, row.average(summary.tasks, split, metric),
+                       marker=markers.get(method, "x"), s=60, color=color, edgecolors="black", label=f"{name}: {method}")
+    costs = sorted({c for rows in families.values() for row in rows for c in row.inference_cost()} | {1})
     ax.set_xscale("log", base=2)
-    costs = sorted({c for row in summary.rows for c in row.inference_cost()})
     ax.set_xticks(costs, [str(c) for c in costs])
     ax.set_xlim(min(costs) / 1.5, max(costs) * 1.5)
     ax.set_xlabel("inference cost: forward passes per prediction")
-    ax.set_ylabel(f"{split} {METRICS[metric]} (%)")
-    tasks = summary.tasks[0] if len(summary.tasks) == 1 else f"average of {len(summary.tasks)} tasks"
-    ax.set_title(f"{summary.grid}: {tasks}, seeds {', '.join(map(str, summary.seeds))} and their fusions")
+    ax.set_ylabel(f"{split} {METRICS[metric]} (%), scored in fp32 by the fusion")
+    ax.set_title(f"{summary.grid}: single runs, soups and ensembles of {len(values)} seeds")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
