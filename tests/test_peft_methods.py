@@ -204,7 +204,8 @@ def test_adalora_keeps_its_orthogonality_penalty_under_class_weights():
     penalty = model(**batch).loss - torch.nn.functional.cross_entropy(model(**batch).logits, batch["labels"])
     assert penalty > 1e-4
     weights = torch.tensor([1.0, 2.0, 0.5])
-    weighted = torch.nn.functional.cross_entropy(model(**batch).logits, batch["labels"], weight=weights)
+    weighted = torch.nn.functional.cross_entropy(model(**batch).logits, batch["labels"], weight=weights,
+                                                 reduction="none").mean()  # training_loss's normaliser
     torch.testing.assert_close(training_loss(model, batch, weights), weighted + penalty, atol=1e-6, rtol=0)
 
 
