@@ -66,6 +66,15 @@ def test_bad_grid_is_one_line_error(tmp_path, text, message):
         load_grid(path)
 
 
+def test_only_pattern_matching_no_cell_is_one_line_error_before_any_work(tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("recipe: text_classification\nbackbones: {m: []}\nstrategies: {lora: [], full: []}\n"
+                    "tasks: {t: []}\nseeds: [0]")
+    with pytest.raises(PeftlabError, match=r"--only full matches no cell of g; .*'m__t__lora__seed0'.*'\*full\*'"):
+        runner.run_grid(load_grid(grid), tmp_path / "results", tmp_path / "runs", only=["full"], progress=False)
+    assert not (tmp_path / "results").exists()
+
+
 @pytest.mark.slow  # about a minute: three recipe cells and a job cell in subprocesses
 def test_smoke_grid_end_to_end_with_resume_and_a_failed_cell(tmp_path, monkeypatch):
     grid = load_grid(SMOKE)

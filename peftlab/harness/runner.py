@@ -81,9 +81,14 @@ def run_grid(grid: Grid, results_dir: Path | None = None, runs_dir: Path | None 
     """
     results_dir = Path(results_dir or default_results_dir(grid))
     runs_dir = Path(runs_dir or default_runs_dir(grid))
+    cells = [c for c in grid.cells() if not only or any(fnmatch.fnmatch(c.id, p) for p in only)]
+    if only and not cells:
+        # Said before anything runs: a pattern without wildcards is the usual slip, and "ran 0 cells" hid it.
+        raise PeftlabError(f"--only {' '.join(only)} matches no cell of {grid.name}; patterns are shell globs over "
+                           f"cell ids such as {grid.cells()[0].id!r}: use e.g. '*{only[0].strip('*')}*'")
+
     results_dir.mkdir(parents=True, exist_ok=True)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    cells = [c for c in grid.cells() if not only or any(fnmatch.fnmatch(c.id, p) for p in only)]
 
     summary, pending = GridRun(), []
     for cell in cells:
