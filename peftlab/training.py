@@ -94,6 +94,8 @@ class Evaluation:
     """Training samples seen, over all processes (a resumed run's earlier parts included)."""
     metrics: dict[str, float]
     """The evaluation's metrics (`loss` and the recipe's compute_metrics)."""
+    last: bool = False
+    """The run's final evaluation: training ends after it whatever the listeners say."""
 
 
 EvaluationListener = Callable[[Evaluation], Optional[bool]]
@@ -360,7 +362,7 @@ def train(
                     best_evaluation = outputs if improved else best_evaluation
                     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.global_step)
                     epochs_done = progress.epoch + progress.batches_in_epoch / len(train_loader)
-                    evaluation = Evaluation(progress.global_step, epochs_done, progress.samples, metrics)
+                    evaluation = Evaluation(progress.global_step, epochs_done, progress.samples, metrics, last)
                     stopped_early = (_patience_exhausted(progress, train_cfg)
                                      | _listeners_stop(accelerator, evaluation))  # `|`: the listeners always hear
                 stop = last or stopped_early

@@ -23,11 +23,12 @@ evaluation a trial reports its metric at step = percent of an epoch trained (the
 the batch size). `median` (default) stops a trial whose best value so far is worse than the median of the other
 trials at the same step, once 2 trials completed: it works from the third of a few trials. `hyperband` runs Optuna's
 Hyperband (from one epoch, reduction factor 3), which needs more trials to fill its brackets. A stopped trial ends
-like an early-stopped run (it tests and saves) and is recorded PRUNED. Multi-objective studies do not prune.
+like an early-stopped run (it tests and saves) and is recorded PRUNED; the final evaluation is reported but never
+prunes (stopping there saves nothing, and a PRUNED trial cannot be the best). Multi-objective studies do not prune.
 
 Small data (`--cv K`): each trial is a K-fold cross-validation (peftlab.cv) in DIR/trials/<number>/fold-<i>/, its
-value the mean over the folds of the validation metric; it is pruned between folds, on the running mean at step =
-folds done - 1, and its record holds the folds' mean validation and test metrics.
+value the mean over the folds of the validation metric; it is pruned between folds (not after the last), on the
+running mean at step = folds done - 1, and its record holds the folds' mean validation and test metrics.
 
 Workers: a study lives in a journal file (DIR/study.journal: the workers of one machine, or of a shared file
 system) or a database (--storage: many machines). --trials caps the whole study, however many workers join. A
@@ -149,7 +150,8 @@ class Search:
         run_dir = trials.trial_dir(self.study_dir, trial.number)
         cfg = load_config(self.config, [*self.overrides, *sampled, *self.thread_overrides, f"output_dir={run_dir}"])
         print(f"\n=== trial {trial.number} (of {self.cap}): {' '.join(sampled)}", flush=True)
-        pruning = (FoldPruning if self.cv else Pruning)(trial, self.metric) if self.prune else None
+        pruning = None if not self.prune else (
+            FoldPruning(trial, self.metric, self.cv) if self.cv else Pruning(trial, self.metric))
         source, start, error = source_fingerprint(self.program), time.perf_counter(), None
         forget_accelerator_state()  # each trial builds its Accelerator afresh, with its own precision
         try:
@@ -239,7 +241,9 @@ class Pruning:
         self.steps.add(step)
         value = evaluation.metrics[self.metric]
         self.trial.report(value, step)
-        if self.trial.should_prune():
+        # At the final evaluation stopping saves nothing: the trial completes with its value instead of being
+        # recorded as pruned (and so left out of the best trial) at the point where it finished anyway.
+        if not evaluation.last and self.trial.should_prune():
             self.pruned = True
             self.message = (f"pruned at optimizer step {evaluation.step} ({evaluation.epoch:.2f} epochs): "
                             f"validation {self.metric} {value:.4f}")
@@ -251,14 +255,14 @@ class FoldPruning:
     """`--cv`: after each fold, reports the running mean of the folds' validation metric to Optuna (step = folds
     done - 1) and stops the cross-validation when the pruner says so."""
 
-    def __init__(self, trial: optuna.Trial, metric: str):
-        self.trial, self.metric, self.pruned, self.message, self.values = trial, metric, False, "", []
+    def __init__(self, trial: optuna.Trial, metric: str, folds: int):
+        self.trial, self.metric, self.folds, self.pruned, self.message, self.values = trial, metric, folds, False, "", []
 
     def __call__(self, fold) -> None:
         self.values.append(fold.metrics["validation"][self.metric])
         mean = sum(self.values) / len(self.values)
         self.trial.report(mean, len(self.values) - 1)
-        if self.trial.should_prune():
+        if len(self.values) < self.folds and self.trial.should_prune():  # after the last fold it saves nothing
             self.pruned = True
             self.message = f"pruned after {len(self.values)} folds: mean validation {self.metric} {mean:.4f}"
             print(f"trial {self.trial.number} {self.message}", flush=True)

@@ -281,6 +281,31 @@ def test_study_prunes_records_and_summarises(tmp_path, monkeypatch, capsys):
     assert len(optuna.load_study(study_name="study", storage=trials.open_storage(None, out)[0]).trials) == 3
 
 
+class PruneAlways(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def test_a_trial_is_not_pruned_at_its_final_evaluation():
+    """Stopping at the last evaluation saves nothing: the trial keeps its value and completes (the median rule once
+    marked such trials pruned, which left them out of the best trial)."""
+    from peftlab.training import Evaluation
+
+    study = optuna.create_study(direction="maximize", pruner=PruneAlways())
+    midway, final = study.ask(), study.ask()
+    assert tune.Pruning(midway, "accuracy")(Evaluation(1, 0.5, 16, {"accuracy": 0.6})) is True
+    listener = tune.Pruning(final, "accuracy")
+    assert listener(Evaluation(2, 1.0, 32, {"accuracy": 0.7}, last=True)) is False and not listener.pruned
+    assert study.trials[1].intermediate_values == {100: 0.7}
+    # --cv: the same after the last fold.
+    fold = type("Fold", (), {"metrics": {"validation": {"accuracy": 0.7}}})
+    with pytest.raises(optuna.TrialPruned):
+        tune.FoldPruning(study.ask(), "accuracy", folds=2)(fold)  # one fold of two
+    last_fold = tune.FoldPruning(study.ask(), "accuracy", folds=1)
+    last_fold(fold)
+    assert not last_fold.pruned and study.trials[3].intermediate_values == {0: 0.7}
+
+
 def test_cross_validated_study_scores_trials_by_their_fold_mean(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(tune.PRUNERS, "median", PruneTrialOne)
     out = tmp_path / "study"
