@@ -43,6 +43,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from peftlab.data.ordering import longest_first, put_back
 from peftlab.heads import is_in_modules
 from peftlab.phases import PhaseTimer
 from peftlab.strategies import AppliedStrategy
@@ -376,7 +377,7 @@ def _extract(model, prefix: FrozenPrefix, loader: DataLoader, accelerator, indic
     """(features, labels) of the examples `indices` (default: all) of loader.dataset in that order, plus the first
     batch for check_replay."""
     indices = list(range(len(loader.dataset))) if indices is None else indices
-    order = _short_first(loader.dataset, indices)
+    order = _length_order(loader.dataset, indices)
     extraction = DataLoader(loader.dataset, batch_size=max(loader.batch_size or 1, 64), sampler=order,
                             collate_fn=loader.collate_fn, num_workers=loader.num_workers)
     captured: list[dict[str, torch.Tensor]] = []
@@ -402,22 +403,17 @@ def _extract(model, prefix: FrozenPrefix, loader: DataLoader, accelerator, indic
         handle.remove()
     # Row j of the extraction holds example order[j]: put every example back at its place in `indices`.
     place = {example: position for position, example in enumerate(indices)}
-    index = torch.as_tensor([place[example] for example in order])
-
-    def by_index(rows: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(rows).index_copy_(0, index, rows)
-
-    features = {k: by_index(torch.cat([c[k] for c in chunks])) for k in chunks[0]}
-    return features, by_index(torch.cat(labels)), first
+    positions = [place[example] for example in order]
+    features = {k: put_back(torch.cat([c[k] for c in chunks]), positions) for k in chunks[0]}
+    return features, put_back(torch.cat(labels), positions), first
 
 
-def _short_first(dataset, indices: list[int]) -> list[int]:
-    """Extraction order of `indices`: tokenized texts shortest first (batches then pad to similar lengths), else as
+def _length_order(dataset, indices: list[int]) -> list[int]:
+    """Extraction order of `indices`: tokenized texts longest first (batches then pad to similar lengths), else as
     given."""
     column_names = getattr(dataset, "column_names", None) or []
     if "input_ids" in column_names:
-        lengths = [len(ids) for ids in dataset["input_ids"]]
-        return sorted(indices, key=lengths.__getitem__)
+        return longest_first([len(ids) for ids in dataset["input_ids"]], indices)
     return list(indices)
 
 

@@ -149,7 +149,9 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
     """Where metrics are logged (tracker names)."""
     group_by_length: bool = True
-    """Batch texts of similar length together so dynamic padding wastes little."""
+    """Batch texts of similar length together so dynamic padding wastes little: training batches from a seeded
+    shuffle grouped by length, evaluation batches longest first (outputs and predictions files stay in split
+    order)."""
     cache_frozen_features: bool = True
     """Strategy `head` only: run the frozen backbone once (eval mode, no grad, bf16 autocast where enabled) and train
     the head on its cached outputs instead of running the backbone every epoch (see peftlab.caching). The frozen

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from peftlab.data.image import IMAGE_SUFFIXES, open_image_file
+from peftlab.data.ordering import longest_first, put_back
 from peftlab.errors import PeftlabError
 
 
@@ -62,18 +63,24 @@ class Preprocessing:
 
 def probabilities_in_batches(probabilities: Callable[[list], torch.Tensor], inputs: list, num_labels: int,
                              batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """`probabilities(inputs)` computed `batch_size` inputs at a time, (N, num_labels), with a progress bar on stderr
-    when `progress` and there is more than one batch.
+    """`probabilities(inputs)` computed `batch_size` inputs at a time, (N, num_labels) in the order of `inputs`, with a
+    progress bar on stderr when `progress` and there is more than one batch.
+
+    Texts are batched longest first (peftlab.data.ordering), so each batch pads to about its own length. Their
+    length here is in characters, not tokens: an ensemble's members tokenize differently, and the order only
+    decides which texts share a batch, not what the model says about each.
 
     Args:
         probabilities: `inputs -> (N, num_labels)` class probabilities (a run's `.probabilities`).
     """
     from tqdm.auto import tqdm
 
+    texts = all(isinstance(item, str) for item in inputs)
+    order = longest_first([len(item) for item in inputs]) if texts else list(range(len(inputs)))
     starts = range(0, len(inputs), batch_size)
-    chunks = [probabilities(inputs[start:start + batch_size])
+    chunks = [probabilities([inputs[index] for index in order[start:start + batch_size]])
               for start in tqdm(starts, desc="predict", unit="batch", disable=not progress or len(starts) < 2)]
-    return torch.cat(chunks) if chunks else torch.empty(0, num_labels)
+    return put_back(torch.cat(chunks), order) if chunks else torch.empty(0, num_labels)
 
 
 def label_predictions(probabilities: Callable[[list], torch.Tensor], label_names: list[str], inputs: list,

@@ -36,6 +36,7 @@ from peftlab.checkpointing import (
     set_rng_state,
     step_dir,
 )
+from peftlab.data.ordering import loader_order, put_back
 from peftlab.errors import PeftlabError, RunInterrupted
 from peftlab.learning_rates import describe, param_group_summary, rate_groups
 from peftlab.strategies import TrainingStart, after_step_hook, before_training
@@ -216,7 +217,8 @@ def build_scheduler(optimizer, train_cfg, num_steps: int):
 
 
 def evaluate(model, loader, accelerator, compute_metrics) -> EvalOutput:
-    """Mean loss plus compute_metrics over a prepared loader; outputs gathered across processes, no duplicates."""
+    """Mean loss plus compute_metrics over a prepared loader; outputs gathered across processes, no duplicates, in
+    the order of the loader's dataset (also when its batches go longest first, peftlab.data.ordering)."""
     was_training = model.training
     model.eval()
     predictions, references, losses, probabilities = [], [], [], []
@@ -234,9 +236,14 @@ def evaluate(model, loader, accelerator, compute_metrics) -> EvalOutput:
             losses.append(loss.cpu())
             probabilities.append(probs.cpu())
     model.train(was_training)
-    predictions, references = torch.cat(predictions).numpy(), torch.cat(references).numpy()
-    metrics = {"loss": torch.cat(losses).mean().item(), **compute_metrics(predictions, references)}
-    return EvalOutput(metrics, predictions, references, torch.cat(probabilities).numpy())
+    outputs = [torch.cat(rows) for rows in (predictions, references, losses, probabilities)]
+    order = loader_order(loader)
+    if order is not None:  # row j is example order[j]
+        outputs = [put_back(rows, order) for rows in outputs]
+    predictions, references, losses, probabilities = outputs
+    predictions, references = predictions.numpy(), references.numpy()
+    metrics = {"loss": losses.mean().item(), **compute_metrics(predictions, references)}
+    return EvalOutput(metrics, predictions, references, probabilities.numpy())
 
 
 def training_loss(model, batch: dict, class_weights: Optional[torch.Tensor]) -> torch.Tensor:

@@ -61,8 +61,10 @@ def main(cfg: RecipeConfig) -> dict:
         tokenized = tokenize_dataset(data.splits, backbone.tokenizer, cfg.data.max_length)
     train_loader = make_text_dataloader(tokenized["train"], backbone.tokenizer, cfg.train.batch_size, shuffle=True,
                                         group_by_length=cfg.train.group_by_length, seed=cfg.train.seed)
+    # Evaluation batches go longest first when grouped; evaluate() returns outputs in split order all the same.
     eval_loaders = {split: make_text_dataloader(tokenized[split], backbone.tokenizer, cfg.train.eval_batch_size,
-                                                shuffle=False, group_by_length=False, seed=cfg.train.seed)
+                                                shuffle=False, group_by_length=cfg.train.group_by_length,
+                                                seed=cfg.train.seed)
                     for split in ("validation", "test")}
 
     phases.lap("data")

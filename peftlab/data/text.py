@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from peftlab.data.ordering import LengthSortedSampler
 from peftlab.data.splits import (
     SPLIT_ALIASES,
     LabelledDataset,
@@ -257,17 +258,19 @@ def make_text_dataloader(tokenized_split: datasets.Dataset, tokenizer: PreTraine
     """Batch a tokenized split, padding each batch only to its own longest sequence.
 
     Args:
-        group_by_length: put texts of similar length in the same batch (training only; implies shuffling).
+        group_by_length: put texts of similar length in the same batch. With shuffle (training): a seeded shuffle
+            grouped by length. Without (evaluation): every text longest first (peftlab.data.ordering), so batches
+            pad to about their own length; `peftlab.training.evaluate` returns its outputs in the split's order.
         seed: seeds the shuffle or the length grouping; each epoch's order depends only on (seed, epoch).
     """
-    if group_by_length and not shuffle:
-        raise ValueError("group_by_length reorders like a shuffle; pass shuffle=True with it (training loaders only)")
     if tokenizer.pad_token is None:
         raise PeftlabError(f"tokenizer {tokenizer.name_or_path!r} has no pad token, so batches cannot be padded; "
                            f"set tokenizer.pad_token = tokenizer.eos_token")
-    if group_by_length:
-        lengths = [len(ids) for ids in tokenized_split["input_ids"]]
+    lengths = [len(ids) for ids in tokenized_split["input_ids"]] if group_by_length else None
+    if group_by_length and shuffle:
         sampler = SeededLengthGroupedSampler(batch_size, lengths, seed)
+    elif group_by_length:
+        sampler = LengthSortedSampler(lengths)
     else:
         sampler = SeedableRandomSampler(tokenized_split, data_seed=seed) if shuffle else None
     return DataLoader(tokenized_split, batch_size=batch_size, sampler=sampler,
