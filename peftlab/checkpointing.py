@@ -59,6 +59,12 @@ class Progress:
     checkpointing_s: float = 0.0
     samples: int = 0
     """Training samples so far, over all processes."""
+    tokens: int = 0
+    """Real (non-padding) tokens of the training batches so far, over all processes (peftlab.throughput); like the
+    padded tokens and attention pairs below, brought up to date at each checkpoint."""
+    padded_tokens: int = 0
+    attention_pairs: int = 0
+    """Sum over training batches of batch size x padded length^2 (attention's FLOPs grow with it)."""
     batch_size: int | None = None
     """Per-process batch size, processes, accumulation and batches per epoch of the run that took the checkpoint:
     a resumed run must batch the data the same way, or `batches_in_epoch` would point at other samples."""

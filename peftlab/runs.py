@@ -116,7 +116,7 @@ def save_run(cfg: RecipeConfig, task: str, *, accelerator, model, result, test, 
                "global_step": result.global_step, "stopped_early": result.stopped_early,
                "train_time_s": result.train_time_s, "samples_per_s": result.samples_per_s,
                "peak_memory_mb": result.peak_memory_mb, "phases_s": phases.as_dict(),
-               "param_groups": result.param_groups,
+               "throughput": result.throughput, "param_groups": result.param_groups,
                "cpu_threads": torch.get_num_threads()}  # per process, as build_accelerator set it
     if data_rules is not None:
         metrics["data_rules"] = data_rules.record()

@@ -41,6 +41,7 @@ from peftlab.errors import PeftlabError, RunInterrupted
 from peftlab.learning_rates import describe, param_group_summary, rate_groups
 from peftlab.strategies import TrainingStart, after_step_hook, before_training
 from peftlab.threads import set_cpu_threads
+from peftlab.throughput import TokenCounter, throughput_record
 from peftlab.tracking import build_trackers
 
 
@@ -81,6 +82,9 @@ class TrainResult:
     best_evaluation: EvalOutput | None = None
     """The best evaluation's per-example outputs on the evaluation data (what the returned weights predict there):
     cross-validation's out-of-fold predictions, kept rather than recomputed."""
+    throughput: dict = field(default_factory=dict)
+    """Tokens the training steps processed (real and padded), per second of training steps, and model FLOPs where
+    their rule holds (peftlab.throughput.throughput_record)."""
 
 
 @dataclass(frozen=True)
@@ -312,6 +316,7 @@ def train(
     stop = stopped_early or progress.global_step >= total_steps
     best_evaluation = None
     samples, evaluation_s, checkpointing_s, window, micro_losses = 0, 0.0, 0.0, [], []
+    tokens = TokenCounter()  # this part's, on this process; added to `previous` at each checkpoint
     after_step = after_step_hook(accelerator.unwrap_model(model))  # the strategy's own, e.g. AdaLoRA rank allocation
     with StopSignal(accelerator) as stop_signal:  # SIGTERM/Ctrl-C: checkpoint at the next step, then stop
         model.train()
@@ -328,6 +333,7 @@ def train(
                 progress.batches_in_epoch += 1
                 epoch_batches += 1
                 samples += len(batch["labels"]) * accelerator.num_processes
+                tokens.add(batch)
                 with accelerator.accumulate(model):
                     loss = training_loss(model, batch, class_weights)
                     accelerator.backward(loss)
@@ -382,6 +388,9 @@ def train(
                 progress.checkpointing_s = previous.checkpointing_s + checkpointing_s
                 progress.train_time_s = previous.train_time_s + checkpointing_start - start
                 if _should_save(train_cfg, progress.global_step, evaluated, improved, stop) or signalled:
+                    counted = tokens.totals(accelerator)  # every process saves here: a safe place to sum them
+                    for key, value in zip(("tokens", "padded_tokens", "attention_pairs"), counted):
+                        setattr(progress, key, getattr(previous, key) + value)
                     saved = save_checkpoint(accelerator, model, optimizer, scheduler, progress, output_dir)
                 checkpointing_s += time.perf_counter() - checkpointing_start
                 if stop:  # the final figures, this save included, go into its progress.json for a later resume
@@ -421,6 +430,9 @@ def train(
                   "checkpointing": progress.checkpointing_s},
         param_groups=param_groups,
         best_evaluation=best_evaluation,
+        throughput=throughput_record(accelerator.unwrap_model(model), tokens=progress.tokens,
+                                     padded_tokens=progress.padded_tokens, attention_pairs=progress.attention_pairs,
+                                     step_time_s=progress.step_time_s),
     )
 
 

@@ -25,7 +25,9 @@ def test_pairs_run_side_a_then_b_per_seed_and_jobs_are_named_per_label():
     order = [(c.pair, c.seed, c.side, c.program.kind, c.program.name) for c in grid.cells()]
     assert order[:4] == [("lora", 1, "a", "job", "trainer_text"), ("lora", 1, "b", "recipe", "text_classification"),
                          ("lora", 2, "a", "job", "trainer_text"), ("lora", 2, "b", "recipe", "text_classification")]
-    assert [o[0] for o in order[4::4]] == ["head", "full"] and order[4][3:] == ("recipe", "text_classification")
+    assert [o[0] for o in order[4:12:4]] == ["head", "full"] and order[4][3:] == ("recipe", "text_classification")
+    # The matmul ceiling is no side of a pair: one cell per seed, after the pairs.
+    assert order[12:] == [(None, 1, None, "job", "matmul_ceiling"), (None, 2, None, "job", "matmul_ceiling")]
     command = runner.cell_command(grid, grid.cells()[0], "runs/x")
     assert command[:3] == ["benchmarks/trainer_baseline.py", "--task", "text"] and "train.mixed_precision=no" in command
 
@@ -35,6 +37,9 @@ def test_pairs_run_side_a_then_b_per_seed_and_jobs_are_named_per_label():
     ("lora: [lora-trainer, lora-recipe]", "lora: [lora-trainer, nope]", "'nope' is not a strategy label"),
     ("{job: trainer_text,", "{job: trainer_nope,", "no job 'trainer_nope' is registered"),
     ("{job: trainer_text,", "{jobs: trainer_text,", "one of `job` or `recipe`"),
+    ("full: [full-trainer, full-recipe]", "full: [full-trainer, matmul-ceiling]", "is no side of a pair"),
+    ("pairs:\n  lora: [lora-trainer, lora-recipe]\n  head: [head-uncached, head-cached]\n"
+     "  full: [full-trainer, full-recipe]\n", "", "runs a measurement job, which goes beside a grid's pairs"),
 ])
 def test_bad_pairs_and_unknown_jobs_are_one_line_errors(tmp_path, old, new, message):
     (tmp_path / "bad.yaml").write_text((GRIDS / "speed_text.yaml").read_text().replace(old, new, 1))
@@ -77,6 +82,58 @@ def test_pair_table_names_the_thread_count_where_the_records_have_it():
     assert "a: recipe uncached, 1 thread |" in table[2] and "b: recipe cached, 2 threads |" in table[3]
 
 
+def _provenance(record: dict) -> dict:
+    """The fields the report's provenance line reads, as the runner writes them (a measurement has no precision)."""
+    return {**record, "environment": {"versions": {"torch": "2.x"}, "device": "cpu: test"},
+            "git": {"sha": "0123456789abcdef", "dirty": False}, "load_average": [1.0, 1.0, 1.0],
+            **({} if "measurement" in record else {"mixed_precision": record.get("mixed_precision", "bf16")})}
+
+
+def _ceiling(seed: int, bf16: float, fp32: float) -> dict:
+    """A finished matmul_ceiling cell: a measurement beside the pairs, with no metrics and no pair."""
+    return {"grid": "g", "grid_file": "g.yaml", "cell": f"m__t__matmul-ceiling__seed{seed}", "status": "ok",
+            "backbone": "m", "strategy": "matmul-ceiling", "task": "t", "seed": seed,
+            "position": {"backbone": 0, "strategy": 3, "task": 0}, "kind": "job", "program": "matmul_ceiling",
+            "measurement": {"kind": "matmul_ceiling", "threads": 1, "rows": 2048, "bf16": {"mean": bf16},
+                            "fp32": {"mean": fp32}}}
+
+
+def test_pair_table_shows_model_flops_against_the_bf16_ceiling_measured_beside_the_pairs(tmp_path):
+    full_b = {**_cell("full", "b", 1, 5.0), "mixed_precision": "bf16",
+              "throughput": {"train_tokens": 900, "model_flops_per_s": 6e10}}
+    records = [_cell("lora", "a", 1, 10.0, kind="job"), _cell("lora", "b", 1, 5.0), _cell("full", "a", 1, 10.0),
+               full_b, _ceiling(1, 1.2e11, 3e10)]
+    assert pairs.is_pairs(records)
+    lora, full = pairs.pair_summaries(records)
+    assert "fraction_of_bf16_ceiling" not in lora and full["fraction_of_bf16_ceiling"] == pytest.approx(0.5)
+    table = pairs.pairs_table([lora, full]).splitlines()
+    assert table[3].endswith("| **2.00x** |  |  |")  # no model FLOPs recorded: the columns stay empty
+    assert table[4].endswith("|  |  |  |") and table[5].endswith("| **2.00x** | 0.060 | 50% |")
+
+    for record in records:
+        (tmp_path / f"{record['cell']}.json").write_text(json.dumps(_provenance(record)))
+    block, grid_name, _ = render_pairs(tmp_path)
+    assert grid_name == "g" and "| **2.00x** | 0.060 | 50% |" in block
+    assert ("Matmul ceiling (the `matmul_ceiling` job, one cell, 1 thread(s), the model's linear layers on 2,048 "
+            "rows): bf16 120 GFLOP/s, fp32 30 GFLOP/s (bf16 4.0x fp32).") in block
+    assert "5 finished and 0 failed cells" in block and "precision bf16 autocast;" in block  # no "None"
+
+
+def test_matmul_ceiling_job_writes_a_record_beside_the_pairs(tmp_path):
+    grid = load_grid(GRIDS / "speed_smoke.yaml")  # 16 texts x 32 tokens a batch: 512 rows of MiniLM's widths
+    done = runner.run_grid(grid, tmp_path / "results", tmp_path / "runs", only=["*matmul-ceiling*"], progress=False)
+    assert done.failed == [] and done.launched == ["minilm__rotten_tomatoes__matmul-ceiling__seed42"]
+    record, = load_records(tmp_path / "results")
+    assert record["status"] == "ok" and "metrics" not in record and "pair" not in record
+    measured = record["measurement"]
+    assert measured["kind"] == "matmul_ceiling" and measured["threads"] == record["cpu_threads"] == 1  # grid env
+    assert measured["shapes"] == [[512, 384, 1536], [512, 1536, 384], [512, 384, 384]]
+    for dtype in ("bf16", "fp32"):
+        assert set(measured[dtype]) == {"512x384x1536", "512x1536x384", "512x384x384", "mean"}
+        assert all(rate > 1e8 for rate in measured[dtype].values())
+    assert pairs.bf16_ceiling([record])["bf16"] == measured["bf16"]["mean"]
+
+
 def test_committed_speed_records_render_the_committed_table_into_every_readme(tmp_path):
     """The retired speed.py's case records (benchmarks/results/speed) render through the report, byte for byte."""
     committed = ROOT / "benchmarks" / "results" / "speed"
@@ -100,8 +157,10 @@ def test_speed_smoke_grid_end_to_end(tmp_path):
     """speed_smoke.yaml: the Trainer job and the recipe on 1-layer MiniLM, 48 texts; records, then the b/a table."""
     grid = load_grid(GRIDS / "speed_smoke.yaml")
     done = runner.run_grid(grid, tmp_path / "results", tmp_path / "runs", progress=False)
-    assert done.failed == [] and len(done.launched) == 6
+    assert done.failed == [] and len(done.launched) == 7  # 3 pairs and the matmul ceiling
     records = {r["cell"]: r for r in load_records(tmp_path / "results")}
+    ceiling = records.pop("minilm__rotten_tomatoes__matmul-ceiling__seed42")
+    assert ceiling["measurement"]["bf16"]["mean"] > 0
     shapes = {json.dumps(sorted(r)) for r in records.values()}
     assert len(shapes) == 1  # a job cell's record has a recipe cell's keys
     for record in records.values():
@@ -121,4 +180,8 @@ def test_speed_smoke_grid_end_to_end(tmp_path):
     assert lines[0].startswith("| case |") and lines[2].startswith("| lora (48 train, 24 test, 1 ep) | a: trainer |")
     assert lines[4].startswith("| head (48 train") and "a: recipe uncached" in lines[4]
     assert "b: recipe cached" in lines[5]
+    full = records["minilm__rotten_tomatoes__full-recipe__seed42"]["throughput"]
+    assert full["train_padded_tokens"] >= full["train_tokens"] > 0 and full["model_flops_per_s"] > 0
+    assert lines[7].split("|")[-3].strip() and lines[7].endswith("% |")  # model TFLOP/s, of bf16 ceiling
+    assert "Matmul ceiling (the `matmul_ceiling` job, one cell, 1 thread(s)" in block
     assert "python benchmarks/run.py benchmarks/grids/speed_smoke.yaml --results" in block

@@ -18,6 +18,8 @@ is one cell per backbone and task, `<backbone>__<task>__full-greedy-soup__seeds0
 seed; it comes after them in the grid, and fails in one line naming the cell to re-run when a run folder is missing.
 A grid may compare its strategies in pairs: `pairs: {lora: [lora-trainer, lora-recipe]}` runs, for each pair and
 seed, side a then side b back to back (so both meet about the same load), and the report tabulates b against a.
+Beside the pairs, a strategy label may run a job that measures the machine (`{job: matmul_ceiling}`, a job
+registered with `measurement=True`): it is no side of a pair, and its cell runs after the pairs of each seed.
 A grid may start from another: `base: text_minilm.yaml` (relative to the file) takes that grid's keys, replaces
 those the file sets, and appends the file's `defaults` to the base's (the `env` mappings merge the same way).
 """
@@ -122,9 +124,9 @@ class Grid:
                                           position=position,
                                           program=self.program_of(backbone, strategy, task), pair=pair, side=side))
         if self.pairs:
-            pair_order = list(self.pairs)
+            pair_order = [*self.pairs, None]  # a measurement (no pair) after the pairs
             cells.sort(key=lambda c: (c.position["backbone"], c.position["task"], pair_order.index(c.pair), c.seed,
-                                      c.side))
+                                      c.side or ""))
         return cells
 
     def fusion_cell(self, backbone: str, strategy: str, task: str, position: dict) -> Cell:
@@ -157,12 +159,18 @@ def load_grid(path: str | Path) -> Grid:
         axes[axis], axis_programs = _axis(labels, f"{path}: {axis}")
         named.update({f"{axis}.{label}": program for label, program in axis_programs.items()})
     axes["strategies"] = {str(label): axes["strategies"].get(str(label), []) for label in raw["strategies"]}
+    measurements = [label for label in axes["strategies"]
+                    if getattr(named.get(f"strategies.{label}"), "measurement", False)]
+    if measurements and not raw.get("pairs"):
+        raise PeftlabError(f"{path}: strategies.{measurements[0]} runs a measurement job, which goes beside a grid's "
+                           "pairs; add pairs or remove it")
     grid = Grid(
         name=path.stem, path=path, recipe=str(raw["recipe"]), config=raw.get("config"),
         env={**DEFAULT_ENV, **{str(k): str(v) for k, v in (raw.get("env") or {}).items()}},
         defaults=_overrides(raw.get("defaults"), f"{path}: defaults"), **axes,
         seeds=_seeds(raw["seeds"], f"{path}: seeds"), programs=named,
-        pairs=_pairs(raw.get("pairs"), list(axes["strategies"]), f"{path}: pairs"), fusions=fusions,
+        pairs=_pairs(raw.get("pairs"), [label for label in axes["strategies"] if label not in measurements],
+                     f"{path}: pairs", measurements), fusions=fusions,
     )
     programs.recipe(grid.recipe, str(path))  # a missing recipe fails here, in one line
     if grid.config is not None and not (REPO_ROOT / grid.config).is_file():
@@ -247,14 +255,19 @@ def _fusions(value, where: str) -> dict[str, Fusion]:
     return fusions
 
 
-def _pairs(value, strategies: list[str], where: str) -> dict[str, tuple[str, str]]:
-    """{pair: (side a, side b)}; every strategy label is a side of exactly one pair (labels, not overrides)."""
+def _pairs(value, strategies: list[str], where: str, measurements: list[str] = ()) -> dict[str, tuple[str, str]]:
+    """{pair: (side a, side b)}; every strategy label but the `measurements` is a side of exactly one pair (labels,
+    not overrides)."""
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(v, list) and len(v) == 2 for v in value.values()):
         raise PeftlabError(f"{where} must map pair names to [side a, side b] strategy labels, "
                            "e.g. lora: [trainer, recipe]")
     sides = [str(label) for labels in value.values() for label in labels]
+    measured = sorted(set(sides) & set(measurements))
+    if measured:
+        raise PeftlabError(f"{where}: {measured[0]!r} runs a measurement job, which is no side of a pair (its cell "
+                           "runs beside the pairs); remove it from the pair")
     unknown = sorted(set(sides) - set(strategies))
     if unknown:
         raise PeftlabError(f"{where}: {unknown[0]!r} is not a strategy label (labels: {', '.join(strategies)})")

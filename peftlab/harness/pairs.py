@@ -8,6 +8,10 @@ a recipe with itself under another setting; their seeds are the repeats. Per run
     peak MB          = the run's peak memory (max RSS on CPU)
 Each side shows its median run (the lower median for an even count); b/a is the median over the (a, b) pairs of the
 samples/s ratio: the sides alternate, so the runs of a pair met about the same load from other jobs.
+Where a run recorded model FLOPs (peftlab.throughput: full fine-tuning of a transformer text model):
+    model TFLOP/s    = model FLOPs of its training steps / seconds of training steps (evaluation excluded)
+    of bf16 ceiling  = side b's model FLOP/s / the grid's bf16 matmul ceiling (the `matmul_ceiling` job's cells, run
+                       in the same invocation after the pairs: the median over seeds of their mean bf16 FLOP/s)
 
 Speed records made before the harness ran the speed cases (benchmarks/results/speed/<case>.json, one file per case,
 written by the retired benchmarks/speed.py) hold the same summaries and render through the same table.
@@ -25,8 +29,31 @@ TRAINING_PHASES = ("feature_cache", "train_steps", "evaluation", "checkpointing"
 
 
 def is_pairs(records: list[dict]) -> bool:
-    """Whether the records come from a grid with pairs."""
-    return all("pair" in r for r in records)
+    """Whether the records come from a grid with pairs (beside which only measurements stand)."""
+    return all("pair" in r for r in records if "measurement" not in r)
+
+
+def bf16_ceiling(records: list[dict]) -> dict | None:
+    """The grid's matmul ceiling: the median over its finished `matmul_ceiling` cells of their mean bf16 and fp32
+    FLOP/s, with their threads and rows, or None when it has none."""
+    found = [r["measurement"] for r in records if r["status"] == "ok"
+             and (r.get("measurement") or {}).get("kind") == "matmul_ceiling"]
+    if not found:
+        return None
+    return {"bf16": statistics.median(m["bf16"]["mean"] for m in found),
+            "fp32": statistics.median(m["fp32"]["mean"] for m in found),
+            "threads": sorted({m["threads"] for m in found}), "rows": sorted({m["rows"] for m in found}),
+            "cells": len(found)}
+
+
+def ceiling_line(ceiling: dict) -> str:
+    """One line under the pairs table saying what the bf16 ceiling was."""
+    threads = ", ".join(map(str, ceiling["threads"]))
+    rows = ", ".join(f"{rows:,}" for rows in ceiling["rows"])
+    cells = f"median of {ceiling['cells']} cells" if ceiling["cells"] > 1 else "one cell"
+    return (f"Matmul ceiling (the `matmul_ceiling` job, {cells}, {threads} thread(s), the model's linear layers on "
+            f"{rows} rows): bf16 {ceiling['bf16'] / 1e9:.0f} GFLOP/s, fp32 {ceiling['fp32'] / 1e9:.0f} GFLOP/s "
+            f"(bf16 {ceiling['bf16'] / ceiling['fp32']:.1f}x fp32).")
 
 
 def load_case_records(results_dir: Path) -> list[dict]:
@@ -38,16 +65,22 @@ def load_case_records(results_dir: Path) -> list[dict]:
 
 
 def pair_summaries(records: list[dict]) -> list[dict]:
-    """One summary per pair (in grid order) from a pairs grid's cell records; failed cells are left out."""
-    finished = sorted((r for r in records if r["status"] == "ok"),
+    """One summary per pair (in grid order) from a pairs grid's cell records; failed cells are left out. With a
+    matmul ceiling among the records, a pair whose side b recorded model FLOP/s gets `fraction_of_bf16_ceiling`."""
+    finished = sorted((r for r in records if r["status"] == "ok" and "pair" in r),
                       key=lambda r: (r["position"]["backbone"], r["position"]["task"], r["position"]["strategy"]))
     runs: dict[str, dict[str, list[dict]]] = {}
     for record in sorted(finished, key=lambda r: r["seed"]):
         runs.setdefault(record["pair"], {"a": [], "b": []})[record["side"]].append(_run_figures(record))
     order = list(dict.fromkeys(r["pair"] for r in finished))
-    return [{**summarise(pair, runs[pair]), "load_average": [r["load_average"] for r in finished
-                                                              if r["pair"] == pair and "load_average" in r]}
-            for pair in order if runs[pair]["a"] and runs[pair]["b"]]
+    summaries = [{**summarise(pair, runs[pair]), "load_average": [r["load_average"] for r in finished
+                                                                   if r["pair"] == pair and "load_average" in r]}
+                 for pair in order if runs[pair]["a"] and runs[pair]["b"]]
+    ceiling = bf16_ceiling(records)
+    for summary in summaries:
+        if ceiling and summary["b"].get("model_flops_per_s"):
+            summary["fraction_of_bf16_ceiling"] = summary["b"]["model_flops_per_s"] / ceiling["bf16"]
+    return summaries
 
 
 def _run_figures(record: dict) -> dict:
@@ -65,7 +98,8 @@ def _run_figures(record: dict) -> dict:
     return {"spec": spec, "cell": record["cell"], "wall_s": record["wall_time_s"], "train_phase_s": train_phase_s,
             "samples_per_s": config["train"]["epochs"] * train_rows / max(train_phase_s, 1e-9),
             "peak_memory_mb": record["peak_memory_mb"], "test_accuracy": record["metrics"]["test"]["accuracy"],
-            "mixed_precision": record.get("mixed_precision")}
+            "mixed_precision": record.get("mixed_precision"),
+            "model_flops_per_s": (record.get("throughput") or {}).get("model_flops_per_s")}
 
 
 def summarise(case: str, runs: dict[str, list[dict]]) -> dict:

@@ -36,6 +36,9 @@ class Program:
     """Fixed arguments before the cell's own (e.g. `--task text`)."""
     task: str | None = None
     """"text" or "image": the loader that rebuilds its splits; None leaves the record's data hash out."""
+    measurement: bool = False
+    """A job that measures the machine instead of training (the matmul ceiling): its metrics.json holds
+    `measurement` in place of results, and in a grid with pairs its cells stand beside the pairs, not in one."""
 
     def command(self) -> list[str]:
         """The script and its fixed arguments, relative to the repository root."""
@@ -45,10 +48,11 @@ class Program:
 JOBS: dict[str, Program] = {}
 
 
-def register_job(name: str, script: str, *, args: tuple[str, ...] = (), task: str | None = None) -> Program:
+def register_job(name: str, script: str, *, args: tuple[str, ...] = (), task: str | None = None,
+                 measurement: bool = False) -> Program:
     """Make `{job: name}` in a grid run `script` (relative to the repository root, or absolute) with `args` before
-    the cell's `--config` and overrides."""
-    JOBS[name] = Program(kind="job", name=name, script=script, args=tuple(args), task=task)
+    the cell's `--config` and overrides; `measurement`: see `Program.measurement`."""
+    JOBS[name] = Program(kind="job", name=name, script=script, args=tuple(args), task=task, measurement=measurement)
     return JOBS[name]
 
 
@@ -61,6 +65,9 @@ register_job("tfidf_svm", "benchmarks/tfidf_baseline.py", task="text")
 register_job("accelerate_text", "benchmarks/accelerate_launch.py", args=("text_classification",), task="text")
 register_job("accelerate_text_ddp2", "benchmarks/accelerate_launch.py",
              args=("--processes", "2", "text_classification"), task="text")
+# What a speed table's "% of bf16 ceiling" divides by: bf16 and fp32 matmul FLOP/s at the model's shapes, measured in
+# the grid's own invocation (grids/speed_text.yaml).
+register_job("matmul_ceiling", "benchmarks/matmul_ceiling.py", measurement=True)
 # A grid's fusion rows (`{fuse: <label>, method: ...}`, peftlab.harness.grid): `peftlab fuse` on other cells' runs.
 register_job("fuse", "benchmarks/fuse_cell.py")
 

@@ -249,7 +249,7 @@ def provenance_line(summary: Summary) -> str:
     if sources:
         commits += f", {len(sources)} distinct source tree{'s' if len(sources) > 1 else ''} (git.source_sha256)"
     data = distinct(lambda r: f"{r['task']} {r['data']['sha256'][:12]}" if (r.get("data") or {}).get("sha256") else None)
-    precisions = distinct(precision_name)
+    precisions = distinct(lambda r: None if "measurement" in r else precision_name(r))  # a measurement trains nothing
     return (f"{len(finished)} finished and {len(summary.failed)} failed cells; seeds {summary.seeds}; "
             f"commit {commits}; {env_versions}; {distinct(lambda r: r['environment']['device'])}"
             f"{f'; precision {precisions}' if precisions else ''}; data sha256 {data or 'n/a'}.")
@@ -516,7 +516,9 @@ def render_pairs(results_dir: Path, out_dir: Path | None = None, *, command: str
         return table, None, out_dir / "table.md"
     summary = summarize(load_records(results_dir))
     summary.commands = [run_command(summary, results_dir), command or f"python benchmarks/report.py {results_dir}"]
+    ceiling = pairs.bf16_ceiling(summary.records)
     block = "\n".join([pairs.pairs_table(pairs.pair_summaries(summary.records)), "",
+                       *([pairs.ceiling_line(ceiling), ""] if ceiling else []),
                        *(["Failed cells (from their records):", "", failures_list(summary), ""]
                          if summary.failed else []),
                        f"Provenance: {provenance_line(summary)}", "", "Reproduce:", "", "```", *summary.commands,

@@ -114,8 +114,9 @@ def run_grid(grid: Grid, results_dir: Path | None = None, runs_dir: Path | None 
             write_record(results_dir / f"{cell.id}.json", record)
         summary.launched.append(cell.id)
         if record["status"] == "ok":
-            test = record["metrics"]["test"]
-            line = f"ok      {cell.id}: test accuracy {test['accuracy']:.4f} ({record['wall_time_s']:.0f} s)"
+            found = (f"test accuracy {record['metrics']['test']['accuracy']:.4f}" if "metrics" in record
+                     else f"{record['measurement']['kind']} measured")
+            line = f"ok      {cell.id}: {found} ({record['wall_time_s']:.0f} s)"
         else:
             summary.failed.append(cell.id)
             line = f"FAILED  {cell.id}: {record['error']}"
@@ -226,6 +227,8 @@ def run_outcome(program: Program, run_dir: Path, error: str | None, source_sha25
         error = f"the {program.kind} exited 0 but wrote no {shown_path(metrics_path)}"
     if error is not None:
         outcome.update(status="failed", error=error)
+    elif program.measurement:
+        outcome.update(_measurement_outputs(Path(run_dir)))
     else:
         outcome.update(_run_outputs(program.task, Path(run_dir)))
     # The load average says how much other work shared the machine with the run (timings depend on it).
@@ -249,6 +252,7 @@ def _run_outputs(task: str | None, run_dir: Path) -> dict:
         "peak_memory_mb": metrics["peak_memory_mb"],
         "cpu_threads": metrics.get("cpu_threads"),  # per process; absent from runs made before it was recorded
         "phases_s": metrics.get("phases_s"),  # absent from runs made before the engine timed its phases
+        "throughput": metrics.get("throughput"),  # tokens and model FLOPs of the training steps (peftlab.throughput)
         "data_rules": metrics.get("data_rules"),  # what `auto` chose from the data (length, weights, metric) and why
         # An ensemble's members sit beside its model/ (which holds only how to combine them).
         "model_size_bytes": folder_size(run_dir / "model") + folder_size(run_dir / "members"),
@@ -262,6 +266,14 @@ def _run_outputs(task: str | None, run_dir: Path) -> dict:
         "config": config,
         "data": _data_or_error(task, config["data"]),
     }
+
+
+def _measurement_outputs(run_dir: Path) -> dict:
+    """What a measurement job (`Program.measurement`) found, with the config and cost it ran under."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"measurement": metrics["measurement"], "train_time_s": metrics.get("train_time_s"),
+            "cpu_threads": metrics.get("cpu_threads"), "peak_memory_mb": metrics.get("peak_memory_mb"),
+            "config": yaml.safe_load((run_dir / "config.yaml").read_text())}
 
 
 def _data_or_error(task: str | None, data: dict) -> dict | None:
