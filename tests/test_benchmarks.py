@@ -234,9 +234,12 @@ def test_pareto_front_keeps_points_no_cheaper_point_beats():
 
 def test_readme_block_is_replaced_between_markers(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- report:g -->\nold\n<!-- /report:g -->\nrest\n")
+    # A marker quoted inside a line (a command's comment naming the block) is text, not the block's start.
+    readme.write_text("run x  # into the <!-- report:g --> block\nintro\n<!-- report:g -->\nold\n<!-- /report:g -->\n"
+                      "rest\n")
     update_readme(readme, "g", "new table\n")
-    assert readme.read_text() == "intro\n<!-- report:g -->\nnew table\n<!-- /report:g -->\nrest\n"
+    assert readme.read_text() == ("run x  # into the <!-- report:g --> block\nintro\n<!-- report:g -->\nnew table\n"
+                                  "<!-- /report:g -->\nrest\n")
     with pytest.raises(PeftlabError, match="no '<!-- report:other -->'"):
         update_readme(readme, "other", "x")
 

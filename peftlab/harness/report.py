@@ -460,9 +460,10 @@ def update_readme(readme: Path, grid: str, block: str) -> None:
 
 
 def write_between_markers(path: Path, start: str, end: str, block: str, *, what: str) -> None:
-    """Replace the text between the markers `start` and `end` in `path` with `block` (`what` names it in errors)."""
+    """Replace the text between the markers `start` and `end` in `path` with `block` (`what` names it in errors).
+    A marker is a line of its own: one quoted inside a line (a command's comment naming it) is text."""
     text = Path(path).read_text()
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    pattern = re.compile("^" + re.escape(start) + r"$.*?^" + re.escape(end) + "$", re.S | re.M)
     if not pattern.search(text):
         raise PeftlabError(f"{path} has no '{start}' ... '{end}' markers; add them where {what} should go")
     Path(path).write_text(pattern.sub(lambda _: f"{start}\n{block.rstrip()}\n{end}", text))
