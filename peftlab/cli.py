@@ -95,7 +95,19 @@ def config_help(cls: type = RecipeConfig, prefix: str = "") -> str:
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
-            lines.append(config_help(hint, f"{prefix}{f.name}."))
+            if prefix.endswith("]."):  # a section inside a list item (a task's data): documented at the top level
+                lines.append(f"  {prefix}{f.name}.*: as {f.name}.*")
+                if f.name in field_docs(cls):
+                    lines.append(f"      {field_docs(cls)[f.name]}")
+            else:
+                lines.append(config_help(hint, f"{prefix}{f.name}."))
+            continue
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list and typing.get_args(hint) else None
+        if item is not None and dataclasses.is_dataclass(item):  # a list of sections: each item's keys below it
+            lines.append(f"  {prefix}{f.name}: list of mappings = []")
+            if f.name in field_docs(cls):
+                lines.append(f"      {field_docs(cls)[f.name]}")
+            lines.append(config_help(item, f"{prefix}{f.name}[i]."))
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         lines.append(f"  {prefix}{f.name}: {describe_type(hint)} = {json.dumps(default)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,10 +162,50 @@ class TrainConfig:
 
 
 @dataclass
+class TaskConfig:
+    name: str = ""
+    """The task's name: what `peftlab predict --task` and `POST /predict` address, and its adapter's and head's folder
+    in the saved run (letters, digits, `_` and `-`)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The task's data. Keys it leaves out come from the run's top-level `data` section (caps, fractions, max_length),
+    except `name`, which each task gives itself."""
+    metric: Literal["auto", "accuracy", "macro_f1", "macro_precision", "macro_recall"] = "auto"
+    """What this task adds to `tasks_mean`, the mean over tasks that picks the best checkpoint: `auto` is macro_f1 on
+    imbalanced training labels, else accuracy (as train.metric_for_best=auto decides for one task)."""
+
+
+@dataclass
+class MultitaskConfig:
+    tasks: list[TaskConfig] = field(default_factory=list)
+    """Classification tasks trained on one frozen base in one run, each with its own head, e.g.
+    `[{name: sentiment, data: {name: reviews.csv}}, {name: topic, data: {name: news.csv}}]`. Empty (the default):
+    a single-task run on `data`. Run a task list with recipes/multitask_classification.py."""
+    mode: Literal["separate", "shared"] = "separate"
+    """`separate`: one LoRA adapter per task (peft named adapters; a mixed batch routes each example to its task's
+    adapter), so a task added later leaves the others bit-for-bit unchanged. `shared`: one adapter of the run's
+    strategy trained on every task's batches, with a head per task (hard parameter sharing)."""
+    sampling: Literal["proportional", "temperature"] = "temperature"
+    """Which task the next training batch comes from (each batch holds one task). `proportional`: every task's batches
+    once per epoch, in shuffled order, so a task's share of the steps is its share of the examples. `temperature`:
+    task t with probability n_t^(1/T) / sum n^(1/T) per batch (an epoch has as many batches as under proportional;
+    a task's batches cycle through reshuffled passes)."""
+    temperature: float = 2.0
+    """T of temperature sampling. T=1 is proportional in expectation, large T uniform over tasks. 2 (T5's
+    temperature-scaled mixing, Raffel et al. 2020, Sec. 3.5.2; Arivazhagan et al. 2019 use T=5 for 100+ languages)
+    halves the gap on a log scale: a task with 4x the examples gets 2x the batches, so small tasks are not drowned
+    out while large ones still get most of the steps."""
+    extend: Optional[str] = None
+    """A finished multi-task run of mode `separate` on the same base: its tasks are loaded and kept frozen (their
+    adapters and heads bit-for-bit unchanged) while the tasks listed here train as new adapters and heads; the new run
+    folder holds every task."""
+
+
+@dataclass
 class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
     strategy: str = "lora"
     """One of peftlab.list_strategies(): full, head, partial, bitfit, lora, adapter; peft's methods prefix, prompt,
     ia3, vera, loha, lokr, adalora; or peft (any peft method, strategy_options.peft.method)."""
@@ -208,6 +249,7 @@ _RANGES: dict[type, dict[str, str]] = {
         "seed": "seed", "head_lr": "positive", "layer_decay": "decay", "loraplus_ratio": "ratio",
         "cpu_threads": "positive",
     },
+    MultitaskConfig: {"temperature": "positive"},
 }
 
 
@@ -236,8 +278,32 @@ def _check_data(data: DataConfig, prefix: str) -> None:
     _check_folds(data, prefix)
 
 
+TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
+RESERVED_TASK_NAMES = ("default",)
+"""peft's name for an adapter added without one."""
+
+
+def _check_multitask(section: "MultitaskConfig", prefix: str) -> None:
+    seen = set()
+    for index, task in enumerate(section.tasks):
+        key = f"{prefix}tasks[{index}]"
+        if not TASK_NAME.fullmatch(task.name) or task.name in RESERVED_TASK_NAMES:
+            raise PeftlabError(f"{key}.name={task.name!r}: give each task a name of letters, digits, _ and - "
+                               f"(not {', '.join(RESERVED_TASK_NAMES)}), e.g. name: sentiment")
+        if task.name in seen:
+            raise PeftlabError(f"{key}.name: duplicate task name {task.name!r}; every task needs its own name")
+        seen.add(task.name)
+        if task.data.cv_folds is not None:
+            raise PeftlabError(f"{key}.data.cv_folds: cross-validation of a multi-task run is not supported; "
+                               f"cross-validate each task as a single-task run")
+    if section.extend is not None and not section.tasks:
+        raise PeftlabError(f"{prefix}extend={section.extend!r} adds the tasks of {prefix}tasks to that run, and "
+                           f"{prefix}tasks is empty; list the new tasks")
+
+
 # Checks across fields of one section, run after its range rules.
-_SECTION_CHECKS: dict[type, Callable[[Any, str], None]] = {DataConfig: _check_data}
+_SECTION_CHECKS: dict[type, Callable[[Any, str], None]] = {DataConfig: _check_data,
+                                                          MultitaskConfig: _check_multitask}
 
 
 def load_config(path: Optional[str], overrides: typing.Sequence[str] = (), cls: type = RecipeConfig) -> Any:
@@ -253,9 +319,13 @@ def load_config(path: Optional[str], overrides: typing.Sequence[str] = (), cls: 
     raw = _read_yaml(path) if path is not None else {}
     for override in overrides:
         _apply_override(raw, override)
+    if cls is RecipeConfig:
+        _inherit_task_data(raw)
     cfg = _build(cls, raw, prefix="")
     if hasattr(cfg, "strategy") and hasattr(cfg, "strategy_options"):
         _check_strategy(cfg.strategy, cfg.strategy_options)
+    if isinstance(cfg, RecipeConfig) and cfg.multitask.tasks:
+        _check_multitask_strategy(cfg)
     return cfg
 
 
@@ -305,6 +375,30 @@ def _apply_override(raw: dict, override: str) -> None:
     node[parts[-1]] = Override(key, text.strip())
 
 
+def _inherit_task_data(raw: dict) -> None:
+    """Give each task's `data` the top-level `data` keys it leaves out (a raw mapping, before types are checked);
+    every task names its own data set."""
+    section = resolve(raw.get("multitask"), None)
+    tasks = resolve(section.get("tasks"), None) if isinstance(section, dict) else None
+    if not isinstance(tasks, list):
+        return  # no task list, or one of the wrong type that _build reports
+    shared = resolve(raw.get("data"), None) or {}
+    shared = {key: resolve(value, None) for key, value in shared.items()} if isinstance(shared, dict) else {}
+    merged = []
+    for index, task in enumerate(tasks):
+        task = resolve(task, None)
+        if isinstance(task, dict):
+            own = resolve(task.get("data"), None) or {}
+            if isinstance(own, dict):
+                if "name" not in own:
+                    raise PeftlabError(f"multitask.tasks[{index}].data.name is missing: each task names its own "
+                                       f"data, e.g. {{name: {task.get('name') or 'sentiment'}, data: {{name: "
+                                       f"reviews.csv}}}}")
+                task = {**task, "data": {**shared, **own}}
+        merged.append(task)
+    raw["multitask"] = {**section, "tasks": merged}
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     """Build dataclass `cls` from a raw mapping, checking every key and value; `prefix` is the dotted path so far."""
     hints = typing.get_type_hints(cls)
@@ -325,11 +419,27 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
                     f"set one key with {key}.<name>=value"
                 )
             kwargs[name] = _build(hint, section, key + ".")
+        elif _is_section_list(hint) and name in data:
+            items = resolve(data[name], hint)
+            if not isinstance(items, list):
+                raise PeftlabError(f"{key}: expected a list of mappings, got {show_value(items)}")
+            kwargs[name] = []
+            for index, item in enumerate(items):
+                item = resolve(item, None)
+                if not isinstance(item, dict):
+                    raise PeftlabError(f"{key}[{index}]: expected a mapping of keys, got {show_value(item)}")
+                kwargs[name].append(_build(typing.get_args(hint)[0], item, f"{key}[{index}]."))
         elif name in data:
             kwargs[name] = coerce_value(data[name], hint, key)
     obj = cls(**kwargs)
     _check_section(obj, prefix)
     return obj
+
+
+def _is_section_list(hint: Any) -> bool:
+    """Whether a field is a list of config sections (`multitask.tasks`), each built and checked like a section."""
+    args = typing.get_args(hint)
+    return typing.get_origin(hint) is list and len(args) == 1 and dataclasses.is_dataclass(args[0])
 
 
 def _check_section(obj: Any, prefix: str) -> None:
@@ -362,6 +472,24 @@ def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
         else:
             keys.append(prefix + name)
     return keys
+
+
+def _check_multitask_strategy(cfg: "RecipeConfig") -> None:
+    """Refuse, in one line, a strategy that a multi-task run cannot train: its record says what it needs."""
+    record = strategies.configured_record(cfg.strategy, cfg.strategy_options.get(cfg.strategy, {}))
+    if cfg.multitask.mode == "separate" and not record.per_task_adapters:
+        raise PeftlabError(f"multitask.mode=separate trains one adapter per task and routes mixed batches per "
+                           f"example, which peft does for LoRA only, not strategy {cfg.strategy!r}; use strategy=lora "
+                           f"or multitask.mode=shared")
+    hooks = [name for name in ("before_training", "after_optimizer_step", "prepare_base", "save_adapter")
+             if getattr(record, name) is not None]
+    if hooks:
+        raise PeftlabError(f"strategy {cfg.strategy!r} with these options needs {', '.join(hooks)} on one adapter, "
+                           f"which a multi-task run does not call per task; use strategy=lora with init=default, "
+                           f"gaussian or orthogonal")
+    if record.save_format is strategies.SaveFormat.WHOLE_MODEL:
+        raise PeftlabError(f"strategy {cfg.strategy!r} trains the whole base, and a multi-task run shares one frozen "
+                           f"base; use lora, adapter, bitfit or head")
 
 
 def _check_strategy(name: str, all_options: dict[str, dict]) -> None:

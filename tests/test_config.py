@@ -11,7 +11,8 @@ import pytest
 
 import peftlab.strategies
 from peftlab.cli import field_docs, parse_recipe_args, run_cli
-from peftlab.config import DataConfig, ModelConfig, RecipeConfig, TrainConfig, config_to_dict, load_config, save_config
+from peftlab.config import (DataConfig, ModelConfig, MultitaskConfig, RecipeConfig, TaskConfig, TrainConfig,
+                            config_to_dict, load_config, save_config)
 from peftlab.errors import PeftlabError
 
 FAKE_STRATEGIES = ["full", "head", "lora"]
@@ -229,9 +230,10 @@ def test_help_lists_every_key_with_its_docstring(capsys):
     assert "--config PATH" in out and "--debug" in out
     assert "  train.lr: float = 0.0005" in out
     assert "  model.quantization: one of 8bit, 4bit or null = null" in out
-    for prefix, cls in [("model.", ModelConfig), ("data.", DataConfig), ("train.", TrainConfig), ("", RecipeConfig)]:
+    for prefix, cls in [("model.", ModelConfig), ("data.", DataConfig), ("train.", TrainConfig),
+                        ("multitask.", MultitaskConfig), ("multitask.tasks[i].", TaskConfig), ("", RecipeConfig)]:
         for f in dataclasses.fields(cls):
-            if f.name not in ("model", "data", "train"):  # sections show as their dotted keys
+            if f.name not in ("model", "data", "train", "multitask"):  # sections show as their dotted keys
                 assert f"  {prefix}{f.name}: " in out
         for doc in field_docs(cls).values():
             assert doc in out

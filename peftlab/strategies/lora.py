@@ -217,7 +217,7 @@ def lora_parameter_groups(model: nn.Module) -> ParameterGroups:
 
 # (Runs saved before `init` existed started as `default`.)
 @register_strategy("lora", LoraOptions, save_format=SaveFormat.PEFT_ADAPTER, merge=Merge.FOLD, base_name=peft_base_name,
-                   parameter_groups=lora_parameter_groups,
+                   parameter_groups=lora_parameter_groups, per_task_adapters=True,
                    by_options=lambda options: lora_init_record(options.get("init", "default")))
 def lora(model: nn.Module, options: LoraOptions, head_modules: list[str]) -> nn.Module:
     """Low-rank updates W + (alpha/r)·B·A on the target modules (B zero-initialised); the head trains in full."""

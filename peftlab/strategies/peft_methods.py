@@ -355,7 +355,7 @@ def tuner_record(method: str, options: Optional[dict[str, Any]] = None) -> dict[
         fields.update(after_optimizer_step=allocate_adalora_ranks, before_training=adalora_schedule,
                       save_adapter=save_adalora)
     if method == "lora":
-        fields.update(lora_init_record(_lora_init(options or {})))
+        fields.update(per_task_adapters=True, **lora_init_record(_lora_init(options or {})))
     return fields
 
 

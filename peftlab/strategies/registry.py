@@ -88,6 +88,9 @@ class StrategyRecord:
     merge: Merge = Merge.PLAIN
     cannot_merge_because: str = ""
     """Why merging is refused (required with Merge.NOT_FOLDABLE), and what to do instead."""
+    per_task_adapters: bool = False
+    """A peft tuner that holds several named adapters and that peft routes per example in a mixed batch
+    (`adapter_names=`; LoRA in peft 0.21): multi-task `separate` mode trains one such adapter per task."""
     caches_frozen_features: bool = False
     """Everything below the head is frozen, so `peftlab.caching` may run it once and train on its outputs."""
     base_name: Callable[[str], Optional[str]] = same_name
@@ -127,7 +130,7 @@ def register_strategy(name: str, options_cls: type, **record_fields: Any):
 
     Args:
         record_fields: `StrategyRecord` fields after `options_cls` (`save_format`, `merge`, `cannot_merge_because`,
-            `caches_frozen_features`, `base_name`, `parameter_groups`, `after_optimizer_step`, `before_training`,
+            `per_task_adapters`, `caches_frozen_features`, `base_name`, `parameter_groups`, `after_optimizer_step`, `before_training`,
             `prepare_base`, `save_adapter`, `by_options`); the defaults fit a strategy that only chooses what trains.
     """
 
