@@ -287,9 +287,11 @@ def _check_multitask(section: "MultitaskConfig", prefix: str) -> None:
     seen = set()
     for index, task in enumerate(section.tasks):
         key = f"{prefix}tasks[{index}]"
-        if not TASK_NAME.fullmatch(task.name) or task.name in RESERVED_TASK_NAMES:
+        # peft takes an adapter name inside its parameter prefix `lora_` (a, lo, ra) for the prefix when loading.
+        if not TASK_NAME.fullmatch(task.name) or task.name in RESERVED_TASK_NAMES or task.name in "lora_":
             raise PeftlabError(f"{key}.name={task.name!r}: give each task a name of letters, digits, _ and - "
-                               f"(not {', '.join(RESERVED_TASK_NAMES)}), e.g. name: sentiment")
+                               f"(not {', '.join(RESERVED_TASK_NAMES)}, nor part of peft's prefix lora_), e.g. "
+                               f"name: sentiment")
         if task.name in seen:
             raise PeftlabError(f"{key}.name: duplicate task name {task.name!r}; every task needs its own name")
         seen.add(task.name)

@@ -44,13 +44,54 @@ SCALAR_METRICS = ("loss", "accuracy", "macro_f1", "macro_precision", "macro_reca
 """What each validation evaluation reports, and so what `train.metric_for_best` may name (`loss`: lower is better)."""
 
 
-def check_metric_for_best(name: str) -> None:
-    """Reject a `train.metric_for_best` that no evaluation reports, before training (not after the first epoch)."""
-    if name != "auto" and name not in SCALAR_METRICS:  # auto: resolved from the data (peftlab.data_rules)
-        close = difflib.get_close_matches(name, SCALAR_METRICS, n=1) or [m for m in SCALAR_METRICS if name in m]
+TASKS_MEAN = "tasks_mean"
+"""Multi-task runs: the mean over tasks of each task's own metric (`multitask.tasks[i].metric`); what
+`train.metric_for_best=auto` selects on there."""
+
+
+def check_metric_for_best(name: str, multitask: bool = False) -> None:
+    """Reject a `train.metric_for_best` that no evaluation reports, before training (not after the first epoch).
+
+    Args:
+        multitask: a multi-task run, whose evaluations also report `tasks_mean` (and the scalar metrics as means
+            over the tasks).
+    """
+    choices = SCALAR_METRICS + ((TASKS_MEAN,) if multitask else ())
+    if name != "auto" and name not in choices:  # auto: resolved from the data (peftlab.data_rules)
+        close = difflib.get_close_matches(name, choices, n=1) or [m for m in choices if name in m]
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise PeftlabError(f"train.metric_for_best={name!r} is not a validation metric{hint} "
-                           f"(choose auto or one of: {', '.join(SCALAR_METRICS)})")
+                           f"(choose auto or one of: {', '.join(choices)})")
+
+
+def per_task_metrics(predictions, references, task_ids, tasks) -> dict[str, dict[str, Any]]:
+    """`compute_classification_metrics` of each task that has examples here, on its own examples.
+
+    Args:
+        task_ids: each example's task index.
+        tasks: the run's tasks in index order, each with `.name` and `.label_names`.
+    """
+    predictions, references, task_ids = (_to_int_list(values) for values in (predictions, references, task_ids))
+    results = {}
+    for index, task in enumerate(tasks):
+        rows = [i for i, task_id in enumerate(task_ids) if task_id == index]
+        if rows:
+            results[task.name] = compute_classification_metrics([predictions[i] for i in rows],
+                                                                [references[i] for i in rows], task.label_names)
+    return results
+
+
+def multitask_scalar_metrics(per_task: dict[str, dict[str, Any]], tasks) -> dict[str, float]:
+    """What a multi-task evaluation logs: `<task>/<metric>` for every task in `per_task`, each scalar metric's mean
+    over those tasks (every task counts once, whatever its size), and `tasks_mean`, the mean of each task's own
+    metric (its `.metric`; `tasks` may hold more tasks than were evaluated)."""
+    scalars = {name: scalar_metrics(results) for name, results in per_task.items()}
+    flat = {f"{name}/{key}": value for name, values in scalars.items() for key, value in values.items()}
+    for key in SCALAR_METRICS[1:]:  # loss: the evaluation's own, over all examples
+        flat[key] = sum(values[key] for values in scalars.values()) / len(scalars)
+    own = [scalars[task.name][task.metric] for task in tasks if task.name in scalars]
+    flat[TASKS_MEAN] = sum(own) / len(own)
+    return flat
 
 
 def compute_classification_metrics(

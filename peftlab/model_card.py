@@ -94,6 +94,62 @@ def ensemble_card(cfg, task: str, metrics: dict[str, Any], label_names: list[str
     return "\n\n".join(sections) + "\n"
 
 
+def multitask_card(cfg, kind: str, metrics: dict[str, Any], counts: ParameterCount, folder: str = ".") -> str:
+    """The Markdown card of a multi-task run (recipes/multitask_classification.py): its tasks, each task's results
+    and own parameters, and how to load it (peftlab routes each task to its adapter and head)."""
+    base = portable_name(cfg.model.name)
+    multitask, tasks = metrics["multitask"], metrics["tasks"]
+    example = '"a gripping, beautifully shot film"' if kind == "text" else '"cat.png"'
+    first = next(iter(tasks))
+    separate = multitask["mode"] == "separate"
+    sampling = (f"temperature T={multitask['temperature']:g}" if multitask["sampling"] == "temperature"
+                else "proportional")
+    rows = ["| Task | Labels | Selected on | Validation | Test accuracy | Test macro-F1 | Own parameters "
+            "(adapter + head) | Share of batches |", "|---|---|---|---|---|---|---|---|"]
+    for name, task in tasks.items():
+        validation = task["validation"].get(task["metric"], float("nan"))
+        share = f"{task['batch_share']:.3f}" if task["batch_share"] is not None else \
+            f"trained in `{task['trained_in']}`"
+        labels = ", ".join(f"`{label}`" for label in task["test"].get("per_class", {})
+                           if label not in ("accuracy", "macro avg", "weighted avg"))
+        rows.append(f"| `{name}` | {labels} | {task['metric']} | {validation:.4f} | {task['test']['accuracy']:.4f} | "
+                    f"{task['test']['macro_f1']:.4f} | {task['parameters']['adapter']:,} + "
+                    f"{task['parameters']['head']:,} | {share} |")
+    sections = [
+        f"---\nlibrary_name: {'peft' if separate else 'peftlab'}\nbase_model: {base}\n"
+        f"pipeline_tag: {kind}-classification\ntags: [peftlab, multi-task, {cfg.strategy}, {kind}-classification]\n---",
+        f"# {base} with {len(tasks)} tasks ({cfg.strategy}, {multitask['mode']} mode), trained with peftlab",
+        "| | |\n|---|---|\n"
+        f"| Base model | `{base}`{f', first {cfg.model.num_hidden_layers} layers' if cfg.model.num_hidden_layers else ''}"
+        " (frozen, shared by every task) |\n"
+        f"| Strategy | `{cfg.strategy}` {json.dumps(cfg.strategy_options.get(cfg.strategy, {}))}, "
+        + ("one adapter per task |\n" if separate else
+           f"one adapter shared by all tasks ({multitask['shared_parameters']:,} parameters) |\n")
+        + f"| Heads | one per task |\n| Sampling | one task per batch, {sampling} |\n"
+        + (f"| Extends | `{multitask['extends']}` (its tasks unchanged) |\n" if multitask["extends"] else "")
+        + f"| Parameters | {counts} |\n"
+        f"| Training | {metrics.get('global_step', 0)} steps, {metrics.get('train_time_s', 0):.0f} s; best "
+        f"checkpoint on validation {cfg.train.metric_for_best} |",
+        "## Results\n\n" + "\n".join(rows),
+        "## Load it\n\n```python\nimport peftlab\n\n"
+        f'run = peftlab.load("{folder}")\n'
+        f'run.predict([{example}], task="{first}")          # every input for one task\n'
+        f'run.predict([{example}, {example}], tasks=["{first}", "{list(tasks)[-1]}"])   # each input its own task, '
+        f"one forward pass\n```\n"
+        f"Or from a shell: `peftlab predict {folder} --task {first} {example.replace(chr(34), chr(39))}`; serve every "
+        f"task from one process with `peftlab serve {folder}`.",
+        ("Each task's LoRA adapter is a peft adapter in `model/<task>/` (`PeftModel.from_pretrained` loads it); its "
+         "head, sized for the task's labels, is `model/<task>/head.safetensors` (named as a single-task model names "
+         "its head), which peft cannot attach itself: peftlab routes inputs to both." if separate else
+         "The shared body is saved at `model/`'s root in its strategy's format and each task's head in "
+         "`model/<task>/head.safetensors`; peftlab routes inputs to their task's head."),
+        f"Add a task without touching these: `python recipes/multitask_classification.py "
+        f"multitask.extend={folder} multitask.tasks=[{{name: NEW, data: {{name: NEW.csv}}}}] output_dir=NEW_FOLDER`"
+        if separate else "",
+    ]
+    return "\n\n".join(section for section in sections if section) + "\n"
+
+
 def fusion_row(metrics: dict[str, Any]) -> str:
     """The card's table row saying how the runs were fused and what a prediction costs."""
     fusion = metrics["fusion"]

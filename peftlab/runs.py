@@ -9,7 +9,8 @@ Layout of `output_dir`:
                        per example (in split order): index, label, prediction, one probability column per class
                        (`p_<class>`); validation from the best evaluation (cross-validation's out-of-fold predictions)
     model/             what trained, in the strategy's save format (peftlab.saving): a peft adapter for LoRA, the
-                       whole model for full, else the trained tensors
+                       whole model for full, else the trained tensors; a multi-task run's adds a folder per task
+                       (its head, and its adapter in mode separate) and multitask.json
     checkpoints/       resumable checkpoints (latest and best)
 """
 
@@ -38,6 +39,9 @@ MODEL_SUBDIR = "model"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 TASK_FILE = "task.json"
+MULTITASK_FILE = "multitask.json"
+"""A multi-task run's model/ (in place of TASK_FILE): {"task": "text", "mode": "separate"|"shared", "tasks": [{"name",
+"label_names", "metric"}, ...]} in task order, the order of the task ids."""
 PREDICTIONS_FILES = {"validation": "validation_predictions.csv", "test": "test_predictions.csv"}
 
 
@@ -46,17 +50,23 @@ def check_output_dir(cfg: RecipeConfig) -> FolderState:
     return run_folder.check_output_dir(cfg.output_dir, resume_from=cfg.resume_from, overwrite=cfg.overwrite)
 
 
-def check_before_loading(cfg: RecipeConfig) -> None:
-    """Everything about a run that can be rejected in milliseconds: output folder, precision, trackers, metric."""
+def check_before_loading(cfg: RecipeConfig, multitask: bool = False) -> None:
+    """Everything about a run that can be rejected in milliseconds: output folder, precision, trackers, metric, and
+    whether the recipe trains a task list (`multitask`: recipes/multitask_classification.py) or one task."""
     from peftlab.metrics import check_metric_for_best
     from peftlab.tracking import build_trackers
     from peftlab.training import resolve_mixed_precision
 
+    if bool(cfg.multitask.tasks) != multitask:
+        raise PeftlabError("this recipe trains one task on `data`, and multitask.tasks lists several; run "
+                           "recipes/multitask_classification.py" if not multitask else
+                           "this recipe trains the tasks of multitask.tasks, and the list is empty; name the tasks "
+                           "(multitask.tasks=[{name: ..., data: {name: ...}}, ...]) or run a single-task recipe")
     if os.environ.get("RANK", "0") == "0":  # other ranks: the main process decides in prepare_output_dir and tells them
         check_output_dir(cfg)
     resolve_mixed_precision(cfg.train.mixed_precision)
     build_trackers(cfg.train.trackers, cfg.output_dir)  # side-effect free: trackers start later
-    check_metric_for_best(cfg.train.metric_for_best)
+    check_metric_for_best(cfg.train.metric_for_best, multitask)
 
 
 def prepare_output_dir(cfg: RecipeConfig, accelerator=None) -> Path:
@@ -93,7 +103,7 @@ def score_test(model, test_loader, accelerator, phases: PhaseTimer):
     from peftlab.training import evaluate
 
     with phases.measure("test"):
-        return evaluate(model, accelerator.prepare(test_loader), accelerator, lambda p, r: {})
+        return evaluate(model, accelerator.prepare(test_loader), accelerator, lambda *outputs: {})
 
 
 def save_run(cfg: RecipeConfig, task: str, *, accelerator, model, result, test, label_names: list[str],
@@ -110,14 +120,7 @@ def save_run(cfg: RecipeConfig, task: str, *, accelerator, model, result, test, 
     from peftlab.metrics import compute_classification_metrics
 
     test_metrics = compute_classification_metrics(test.predictions, test.references, label_names)
-    for phase, seconds in result.phases_s.items():
-        phases.add(phase, seconds)
-    metrics = {"validation": result.best_metrics, "test": test_metrics, "best_step": result.best_step,
-               "global_step": result.global_step, "stopped_early": result.stopped_early,
-               "train_time_s": result.train_time_s, "samples_per_s": result.samples_per_s,
-               "peak_memory_mb": result.peak_memory_mb, "phases_s": phases.as_dict(),
-               "throughput": result.throughput, "param_groups": result.param_groups,
-               "cpu_threads": torch.get_num_threads()}  # per process, as build_accelerator set it
+    metrics = {"validation": result.best_metrics, "test": test_metrics, **training_record(result, phases)}
     if data_rules is not None:
         metrics["data_rules"] = data_rules.record()
     accelerator.print(f"test accuracy {test_metrics['accuracy']:.4f}, macro-F1 {test_metrics['macro_f1']:.4f} "
@@ -131,6 +134,97 @@ def save_run(cfg: RecipeConfig, task: str, *, accelerator, model, result, test, 
         run_folder.close_run_folder(output_dir, run_folder.FINISHED)
     accelerator.end_training()
     return metrics
+
+
+def training_record(result, phases: PhaseTimer) -> dict[str, Any]:
+    """metrics.json's account of training (steps, time, throughput, memory, phases, rates), `train()`'s phases added
+    to the recipe's timer."""
+    for phase, seconds in result.phases_s.items():
+        phases.add(phase, seconds)
+    return {"best_step": result.best_step, "global_step": result.global_step, "stopped_early": result.stopped_early,
+            "train_time_s": result.train_time_s, "samples_per_s": result.samples_per_s,
+            "peak_memory_mb": result.peak_memory_mb, "phases_s": phases.as_dict(), "throughput": result.throughput,
+            "param_groups": result.param_groups,
+            "cpu_threads": torch.get_num_threads()}  # per process, as build_accelerator set it
+
+
+def save_multitask_run(cfg: RecipeConfig, kind: str, *, accelerator, model, result, test, tasks,
+                       rules: dict[str, DataRules], counts: ParameterCount, preprocessor, output_dir: Path,
+                       phases: PhaseTimer, train_examples: dict[str, int], earlier=None) -> dict[str, Any]:
+    """`save_run` for a multi-task run (recipes/multitask_classification.py): metrics.json's `validation` and `test`
+    hold the means over tasks (`tasks_mean` and each scalar metric) and `<task>/<metric>`; `tasks` holds each task's
+    metrics, own parameters, data rules and share of the training batches; weights per `peftlab.saving.save_multitask`;
+    predictions per task and split (`<split>_predictions_<task>.csv`).
+
+    Args:
+        tasks: the model's `peftlab.multitask.TaskSpec`s, in task order.
+        rules: each task's resolved data rules (tasks trained here).
+        train_examples: training examples per task trained here.
+        earlier: the `peftlab.multitask.EarlierRun` this run extends: its tasks' weights are unchanged, so their
+            entries of its metrics.json are carried over.
+    """
+    from peftlab.data.tasks import sampling_shares
+    from peftlab.metrics import multitask_scalar_metrics, per_task_metrics
+    from peftlab.multitask import SHARED, task_parameter_counts
+
+    per_task_test = per_task_metrics(test.predictions, test.references, test.task_ids, tasks)
+    shares = dict(zip(train_examples, sampling_shares(list(train_examples.values()), cfg.multitask.sampling,
+                                                      cfg.multitask.temperature)))
+    own = task_parameter_counts(accelerator.unwrap_model(model))
+    metrics = {"validation": result.best_metrics, "test": multitask_scalar_metrics(per_task_test, tasks),
+               **training_record(result, phases)}
+    metrics["tasks"] = {}
+    for task in tasks:
+        if task.name in train_examples:
+            record = {"metric": task.metric, "trained_in": str(output_dir),
+                      "validation": {key.split("/", 1)[1]: value for key, value in result.best_metrics.items()
+                                     if key.startswith(f"{task.name}/")},
+                      "test": per_task_test[task.name], "train_examples": train_examples[task.name],
+                      "batch_share": shares[task.name], "data_rules": rules[task.name].record()}
+        else:  # a task of the run this one extends: same weights, so the scores it recorded still hold
+            record = {**earlier.metrics[task.name], "batch_share": None}
+        metrics["tasks"][task.name] = {**record, "parameters": own[task.name]}
+    metrics["multitask"] = {"mode": cfg.multitask.mode, "sampling": cfg.multitask.sampling,
+                            "temperature": cfg.multitask.temperature, "extends": cfg.multitask.extend,
+                            "shared_parameters": own[SHARED]["adapter"]}
+    accelerator.print("test " + ", ".join(f"{name} accuracy {results['accuracy']:.4f}"
+                                          for name, results in per_task_test.items()) + f" ({result.train_time_s:.0f} s)")
+    if accelerator.is_main_process:
+        write_multitask_outputs(output_dir, cfg, kind, accelerator.unwrap_model(model), preprocessor, metrics,
+                                counts, tasks)
+        for split, outputs in (("validation", result.best_evaluation), ("test", test)):
+            for index, task in enumerate(tasks if outputs is not None else []):
+                rows = outputs.task_ids == index
+                if not rows.any():  # a task of the run this one extends: its predictions are in that folder
+                    continue
+                own_outputs = outputs._replace(predictions=outputs.predictions[rows],
+                                               references=outputs.references[rows],
+                                               probabilities=outputs.probabilities[rows][:, :len(task.label_names)],
+                                               task_ids=None)
+                write_predictions(Path(output_dir) / f"{split}_predictions_{task.name}.csv", own_outputs,
+                                  task.label_names)
+        run_folder.close_run_folder(output_dir, run_folder.FINISHED)
+    accelerator.end_training()
+    return metrics
+
+
+def write_multitask_outputs(output_dir: Path, cfg: RecipeConfig, kind: str, model, preprocessor,
+                            metrics: dict[str, Any], counts: ParameterCount, tasks) -> None:
+    """Save every task's head and adapter (peftlab.saving.save_multitask), the tokenizer, MULTITASK_FILE, the config,
+    metrics.json and the model card."""
+    from peftlab.model_card import multitask_card
+    from peftlab.saving import save_multitask
+
+    model_dir = Path(output_dir) / MODEL_SUBDIR
+    save_multitask(model, model_dir, base_name=portable_name(cfg.model.name), task=kind)
+    if preprocessor is not None and hasattr(preprocessor, "save_pretrained"):
+        preprocessor.save_pretrained(model_dir)
+    (model_dir / MULTITASK_FILE).write_text(json.dumps({
+        "task": kind, "mode": cfg.multitask.mode,
+        "tasks": [{"name": task.name, "label_names": task.label_names, "metric": task.metric} for task in tasks],
+    }, indent=1) + "\n")
+    metrics = write_metrics(output_dir, cfg, metrics, counts)
+    (Path(output_dir) / "README.md").write_text(multitask_card(cfg, kind, metrics, counts, folder=str(output_dir)))
 
 
 def write_run_outputs(output_dir: Path, cfg: RecipeConfig, task: str, model, preprocessor, metrics: dict[str, Any],

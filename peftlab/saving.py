@@ -7,6 +7,7 @@ How is the strategy's record's business (`peftlab.strategies.registry.SaveFormat
 - WHOLE_MODEL (full): the whole model via `save_pretrained` (safetensors; plain `from_pretrained` loads it).
 - TRAINED_TENSORS (the others): `peftlab_trainable.safetensors` with only the trained tensors (head, adapters, biases,
   blocks).
+A multi-task model (`save_multitask`) adds a folder per task holding its head (and its adapter, one per task).
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftlab.errors import PeftlabError
+from peftlab.heads import is_in_modules
 from peftlab.pooling import apply_mean_pooling
 from peftlab.strategies import AppliedStrategy, Merge, SaveFormat, applied_strategy, apply_strategy
 
 STRATEGY_FILE = "peftlab_strategy.json"
 TRAINABLE_FILE = "peftlab_trainable.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+HEAD_FILE = "head.safetensors"
+"""A multi-task run's head of one task, in `model/<task>/`."""
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,18 +61,83 @@ def save_trained(model: nn.Module, output_dir: str | Path, base_name: str | None
             record.save_adapter(model, output_dir)
         else:
             model.save_pretrained(output_dir)
-        # Written into the saved file only: peft's save looks the base up by this name (on the Hub, for a Hub id).
-        config_path = output_dir / "adapter_config.json"
-        adapter_config = json.loads(config_path.read_text())
-        adapter_config["base_model_name_or_path"] = base_name or adapter_config["base_model_name_or_path"]
-        adapter_config["task_type"] = "SEQ_CLS" if task == "text" else adapter_config["task_type"]
-        config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+        portable_adapter_config(output_dir / ADAPTER_CONFIG_FILE, base_name, task)
     elif save_format is SaveFormat.WHOLE_MODEL and hasattr(model, "save_pretrained"):
         model.save_pretrained(output_dir)
     else:
         save_file(trainable_state_dict(model), output_dir / TRAINABLE_FILE)
     (output_dir / STRATEGY_FILE).write_text(json.dumps(applied.to_json(), indent=2) + "\n")
     return output_dir
+
+
+def portable_adapter_config(config_path: Path, base_name: str | None, task: str | None) -> None:
+    """Rewrite a saved peft `adapter_config.json` with the base's portable name and, for text, task type SEQ_CLS."""
+    # Written into the saved file only: peft's save looks the base up by this name (on the Hub, for a Hub id).
+    adapter_config = json.loads(config_path.read_text())
+    adapter_config["base_model_name_or_path"] = base_name or adapter_config["base_model_name_or_path"]
+    adapter_config["task_type"] = "SEQ_CLS" if task == "text" else adapter_config["task_type"]
+    config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+
+
+def save_multitask(model: nn.Module, output_dir: str | Path, base_name: str | None = None,
+                   task: str | None = None) -> Path:
+    """Write a multi-task model (`peftlab.multitask`): each task's head as `<task>/head.safetensors` (named as a
+    single-task model of the base names its head); with one adapter per task, peft's files of each in `<task>/`
+    (peft's own layout for several adapters); with a shared body, that body at the folder's root in its strategy's
+    format (a peft adapter, or the trained tensors without the heads); and the strategy spec. Arguments as for
+    `save_trained`."""
+    from peftlab.multitask import head_state
+
+    routing, applied = model.peftlab_tasks, applied_strategy(model)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in routing.names:
+        (output_dir / name).mkdir(exist_ok=True)
+        save_file(head_state(model, name), output_dir / name / HEAD_FILE)
+    if applied.record.save_format is SaveFormat.PEFT_ADAPTER:
+        model.save_pretrained(output_dir)  # every adapter but one named `default` goes into a folder of its name
+        for config_path in output_dir.glob(f"**/{ADAPTER_CONFIG_FILE}"):
+            portable_adapter_config(config_path, base_name, task)
+        for card in output_dir.glob("**/README.md"):  # peft's empty card templates
+            card.unlink()
+    else:
+        base = applied.record.base_name
+        state = {name: tensor for name, tensor in trainable_state_dict(model).items()
+                 if not is_in_modules(base(name) or name, routing.head_modules)}
+        save_file(state, output_dir / TRAINABLE_FILE)
+    (output_dir / STRATEGY_FILE).write_text(json.dumps(applied.to_json(), indent=2) + "\n")
+    return output_dir
+
+
+def load_multitask_weights(model: nn.Module, saved_dir: str | Path, tasks: list[str]) -> None:
+    """Load the heads (and adapters, or shared body) of `tasks` from a `save_multitask` folder into a multi-task model
+    built the same way (`peftlab.multitask.build_multitask_model`)."""
+    from peftlab.multitask import load_head_state
+
+    saved_dir, routing = Path(saved_dir), model.peftlab_tasks
+    for name in tasks:
+        load_head_state(model, name, load_file(saved_dir / name / HEAD_FILE))
+    if applied_strategy(model).record.save_format is SaveFormat.PEFT_ADAPTER:
+        from peft import set_peft_model_state_dict
+
+        folders = {name: saved_dir / name for name in tasks} if routing.mode == "separate" else \
+            {"default": saved_dir}
+        for adapter, folder in folders.items():
+            result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"),
+                                               adapter_name=adapter)
+            if result.unexpected_keys:
+                raise PeftlabError(f"the adapter in {folder} does not fit this base (unexpected "
+                                   f"{result.unexpected_keys[:3]}); load it onto the backbone it was trained on")
+        return
+    weights = saved_dir / TRAINABLE_FILE
+    state, expected = load_file(weights), set(trainable_state_dict(model))
+    base = applied_strategy(model).record.base_name
+    expected = {name for name in expected if not is_in_modules(base(name) or name, routing.head_modules)}
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise PeftlabError(f"{weights} does not fit this base model (missing {missing}, unexpected {unexpected}); "
+                           "load it onto the same backbone it was trained from")
+    model.load_state_dict(state, strict=False)
 
 
 def read_strategy(saved_dir: str | Path) -> AppliedStrategy:

@@ -37,6 +37,7 @@ from peftlab.checkpointing import (
     step_dir,
 )
 from peftlab.data.ordering import loader_order, put_back
+from peftlab.data.tasks import TASK_IDS
 from peftlab.errors import PeftlabError, RunInterrupted
 from peftlab.learning_rates import describe, param_group_summary, rate_groups
 from peftlab.strategies import TrainingStart, after_step_hook, before_training
@@ -54,6 +55,8 @@ class EvalOutput(NamedTuple):
     references: np.ndarray
     probabilities: np.ndarray
     """Softmax of the logits, examples x classes (the raw output for a single-output head)."""
+    task_ids: Optional[np.ndarray] = None
+    """Multi-task runs: each example's task index (the batches' `task_ids`); None for a single task."""
 
 
 @dataclass
@@ -222,10 +225,13 @@ def build_scheduler(optimizer, train_cfg, num_steps: int):
 
 def evaluate(model, loader, accelerator, compute_metrics) -> EvalOutput:
     """Mean loss plus compute_metrics over a prepared loader; outputs gathered across processes, no duplicates, in
-    the order of the loader's dataset (also when its batches go longest first, peftlab.data.ordering)."""
+    the order of the loader's dataset (also when its batches go longest first, peftlab.data.ordering).
+
+    Batches with `task_ids` (multi-task runs) call `compute_metrics(predictions, references, task_ids)`.
+    """
     was_training = model.training
     model.eval()
-    predictions, references, losses, probabilities = [], [], [], []
+    predictions, references, losses, probabilities, tasks = [], [], [], [], []
     with torch.no_grad():
         for batch in loader:
             out = model(**batch)
@@ -233,21 +239,28 @@ def evaluate(model, loader, accelerator, compute_metrics) -> EvalOutput:
             pred = logits.argmax(-1) if logits.shape[-1] > 1 else logits.squeeze(-1)  # class ids, or regression values
             probs = logits.softmax(-1) if logits.shape[-1] > 1 else logits
             labels = batch["labels"]
-            pred, labels, loss, probs = accelerator.gather_for_metrics(
-                (pred, labels, _per_sample_loss(out, labels), probs))
+            outputs = (pred, labels, _per_sample_loss(out, labels), probs)
+            # Multi-task runs only: each example's task, gathered alongside, for the per-task metrics.
+            outputs += (batch[TASK_IDS],) if TASK_IDS in batch else ()
+            pred, labels, loss, probs, *task_ids = accelerator.gather_for_metrics(outputs)
             predictions.append(pred.cpu())
             references.append(labels.cpu())
             losses.append(loss.cpu())
             probabilities.append(probs.cpu())
+            tasks += [task_ids[0].cpu()] if task_ids else []
     model.train(was_training)
-    outputs = [torch.cat(rows) for rows in (predictions, references, losses, probabilities)]
+    columns = (predictions, references, losses, probabilities) + ((tasks,) if tasks else ())
+    outputs = [torch.cat(rows) for rows in columns]
     order = loader_order(loader)
     if order is not None:  # row j is example order[j]
         outputs = [put_back(rows, order) for rows in outputs]
-    predictions, references, losses, probabilities = outputs
+    predictions, references, losses, probabilities, *task_ids = outputs
     predictions, references = predictions.numpy(), references.numpy()
-    metrics = {"loss": losses.mean().item(), **compute_metrics(predictions, references)}
-    return EvalOutput(metrics, predictions, references, probabilities.numpy())
+    task_ids = task_ids[0].numpy() if task_ids else None
+    scores = compute_metrics(predictions, references) if task_ids is None else \
+        compute_metrics(predictions, references, task_ids)
+    metrics = {"loss": losses.mean().item(), **scores}
+    return EvalOutput(metrics, predictions, references, probabilities.numpy(), task_ids)
 
 
 def training_loss(model, batch: dict, class_weights: Optional[torch.Tensor]) -> torch.Tensor:

