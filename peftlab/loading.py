@@ -26,7 +26,7 @@ from peftlab.config import load_config
 from peftlab.data.splits import first_line
 from peftlab.errors import PeftlabError
 from peftlab.inputs import Preprocessing, label_predictions, probabilities_in_batches
-from peftlab.runs import CONFIG_FILE, MODEL_SUBDIR, TASK_FILE
+from peftlab.runs import CONFIG_FILE, MODEL_SUBDIR, MULTITASK_FILE, TASK_FILE
 from peftlab.saving import load_trained
 
 FUSION_FILE = "fusion.json"
@@ -35,18 +35,24 @@ relative to the ensemble's folder], "weights": [one per member, summing to 1]}."
 COMBINES = ("probabilities", "logits")
 
 
-def load(run_dir: str | Path) -> "LoadedRun":
+def load(run_dir: str | Path) -> "LoadedRun | MultiTaskRun":
     """The run in `run_dir` (a recipe's output_dir, or a `peftlab fuse` output) ready to label inputs; one-line
-    PeftlabError for a folder that is not a finished run or is damaged."""
+    PeftlabError for a folder that is not a finished run or is damaged. A multi-task run loads as a `MultiTaskRun`,
+    whose methods take the task (`predict(texts, task="sentiment")`)."""
     if (Path(run_dir) / MODEL_SUBDIR / FUSION_FILE).is_file():
         return EnsembleRun(run_dir)
+    if (Path(run_dir) / MODEL_SUBDIR / MULTITASK_FILE).is_file():
+        return MultiTaskRun(run_dir)
     return LoadedRun(run_dir)
 
 
 def read_run_info(run_dir: str | Path) -> tuple:
-    """(config, task, label names) of a finished run folder, read without loading any weights."""
+    """(config, task, label names) of a finished single-task run folder, read without loading any weights."""
     run_dir = Path(run_dir)
     model_dir = run_dir / MODEL_SUBDIR
+    if (model_dir / MULTITASK_FILE).is_file():
+        raise PeftlabError(f"{run_dir} is a multi-task run; this command takes single-task runs (peftlab.load, "
+                           f"predict and serve take multi-task runs)")
     if not (model_dir / TASK_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
         raise PeftlabError(f"{run_dir} is not a finished peftlab run (no {CONFIG_FILE} or "
                            f"{MODEL_SUBDIR}/{TASK_FILE})")
@@ -152,6 +158,101 @@ class EnsembleRun(LoadedRun):
         if self.combine == "logits":
             return self.logits(inputs).softmax(dim=-1)
         return self.weighted_sum([member.probabilities(inputs) for member in self.members])
+
+
+class MultiTaskRun:
+    """A multi-task run (recipes/multitask_classification.py) loaded for inference: the base once, every task's head
+    (and adapter) on it, in eval mode. Each call names the task of its inputs, or one task per input: a mixed batch
+    runs in one forward pass, each input through its own task's adapter and head. Build it with `peftlab.load`.
+
+        run.predict(texts, task="sentiment")
+        run.predict(texts, tasks=["sentiment", "topic", ...])     # one per text
+    """
+
+    def __init__(self, run_dir: str | Path):
+        from peftlab.multitask import TaskSpec, build_multitask_model
+        from peftlab.saving import load_multitask_weights
+
+        self.run_dir = run_dir = Path(run_dir)
+        model_dir = run_dir / MODEL_SUBDIR
+        info = read_json(model_dir / MULTITASK_FILE)
+        if not isinstance(info, dict) or info.get("task") != "text" or not info.get("tasks"):
+            raise damaged(model_dir / MULTITASK_FILE, "no text task kind and task list")
+        self.task = info["task"]
+        self.cfg = load_config(str(run_dir / CONFIG_FILE))
+        self.tasks = [TaskSpec(task["name"], task["label_names"], task["metric"], task.get("max_length"), frozen=True)
+                      for task in info["tasks"]]
+        self.task_labels = {task.name: task.label_names for task in self.tasks}
+        """Each task's label names, in its logit columns' order."""
+        try:
+            self.model, self.backbone = build_multitask_model(
+                self.cfg.model, self.task, self.tasks, self.cfg.strategy,
+                self.cfg.strategy_options.get(self.cfg.strategy, {}), mode=info["mode"])
+            load_multitask_weights(self.model, model_dir, list(self.task_labels))
+        except (OSError, ValueError, SafetensorError) as err:  # a missing or unreadable weights file
+            raise PeftlabError(f"cannot load the trained weights in {model_dir} ({first_line(err)}); the run folder "
+                               f"is incomplete or damaged: restore it from a copy or train the run again") from err
+        self.model.eval()
+        # Each task truncates to its own data.max_length, as it trained (the tasks' lengths may differ).
+        self.preprocessing = {task.name: Preprocessing(self.task, run_dir, tokenizer=self.backbone.tokenizer,
+                                                       max_length=task.max_length) for task in self.tasks}
+
+    def task_ids(self, inputs: list, task: str | None = None, tasks: list[str] | None = None) -> list[int]:
+        """Each input's task index, from `task` (all inputs) or `tasks` (one per input); one-line errors."""
+        routing = self.model.peftlab_tasks
+        if (task is None) == (tasks is None):
+            if task is None and len(self.tasks) == 1:
+                return [0] * len(inputs)
+            raise PeftlabError(f"name the task of the inputs: task=<one of {', '.join(routing.names)}> for all of "
+                               f"them, or tasks=[...] with one per input")
+        if tasks is not None and len(tasks) != len(inputs):
+            raise PeftlabError(f"got {len(tasks)} tasks for {len(inputs)} inputs; give one task per input")
+        return [routing.index(name) for name in (tasks if tasks is not None else [task] * len(inputs))]
+
+    def preprocess(self, inputs: list, task_ids: list[int]) -> dict[str, torch.Tensor]:
+        """The model's input batch: each text tokenized as its task trained (its max_length), padded together."""
+        tokenizer, names = self.backbone.tokenizer, self.model.peftlab_tasks.names
+        features = []
+        for text, task_id in zip(inputs, task_ids):
+            preprocessing = self.preprocessing[names[task_id]]
+            preprocessing.check_text(text)
+            features.append(tokenizer(text, truncation=True, max_length=preprocessing.max_length))
+        batch = dict(tokenizer.pad(features, return_tensors="pt"))
+        return {**batch, "task_ids": torch.tensor(task_ids)}
+
+    @torch.no_grad()
+    def logits(self, inputs: list, task: str | None = None, tasks: list[str] | None = None) -> torch.Tensor:
+        """Float logits (N, most classes of any task); a task with fewer classes has the lowest float in the rest."""
+        if not inputs:
+            return torch.empty(0, self.model.peftlab_tasks.width)
+        return self.model(**self.preprocess(inputs, self.task_ids(inputs, task, tasks))).logits.float()
+
+    def probabilities(self, inputs: list, task: str | None = None, tasks: list[str] | None = None) -> torch.Tensor:
+        """Class probabilities: (N, the task's classes) for one `task`; for `tasks`, (N, most classes of any task),
+        each row 0 past its task's classes."""
+        probabilities = self.logits(inputs, task, tasks).softmax(dim=-1)
+        if task is not None:
+            return probabilities[:, :len(self.task_labels[task])]
+        return probabilities
+
+    def predict(self, inputs: list, task: str | None = None, tasks: list[str] | None = None, batch_size: int = 64,
+                progress: bool = False) -> list[dict]:
+        """One {"input", "task", "label", "score", "probabilities": {label name: probability}} dict per input, for
+        `task` (every input) or `tasks` (one per input, routed in one forward pass per batch of `batch_size`)."""
+        names = [self.tasks[index].name for index in self.task_ids(inputs, task, tasks)]
+        rows = probabilities_in_batches(lambda chunk: self._probabilities_of(chunk),
+                                        list(zip(inputs, names)), self.model.peftlab_tasks.width, batch_size,
+                                        progress).tolist()
+        results = []
+        for item, name, row in zip(inputs, names, rows):
+            labels = self.task_labels[name]
+            best = max(range(len(labels)), key=row.__getitem__)
+            results.append({"input": str(item), "task": name, "label": labels[best], "score": round(row[best], 4),
+                            "probabilities": {label: round(p, 6) for label, p in zip(labels, row)}})
+        return results
+
+    def _probabilities_of(self, pairs: list[tuple]) -> torch.Tensor:
+        return self.probabilities([text for text, _ in pairs], tasks=[name for _, name in pairs])
 
 
 def check_saved_files(model_dir: Path) -> None:

@@ -49,6 +49,8 @@ class TaskSpec:
     label_names: list[str]
     metric: str = "accuracy"
     """The validation metric this task adds to `tasks_mean`."""
+    max_length: Optional[int] = None
+    """Text tasks: the length its texts are truncated to (its resolved data.max_length)."""
     frozen: bool = False
     """Loaded from an earlier run (`multitask.extend`): its adapter and head do not train."""
 
@@ -168,7 +170,8 @@ def read_earlier_run(cfg) -> EarlierRun:
             raise PeftlabError(f"task {task.name!r} is already in {run_dir} (tasks {', '.join(names)}); give the new "
                                f"task another name")
     metrics = json.loads((run_dir / METRICS_FILE).read_text()).get("tasks", {})
-    tasks = [TaskSpec(task["name"], task["label_names"], task["metric"], frozen=True) for task in info["tasks"]]
+    tasks = [TaskSpec(task["name"], task["label_names"], task["metric"], task.get("max_length"), frozen=True)
+             for task in info["tasks"]]
     return EarlierRun(run_dir, tasks, metrics)
 
 
@@ -374,6 +377,7 @@ def resolve_task_rules(cfg, task_cfg, data, *, model: nn.Module, tokenizer=None,
     rules = resolve_data_rules(view, data, tokenizer=tokenizer, length_limit=length_limit)
     task_cfg.metric = view.train.metric_for_best
     routing: TaskRouting = model.peftlab_tasks
-    routing.tasks[routing.index(task_cfg.name)].metric = task_cfg.metric
+    task = routing.tasks[routing.index(task_cfg.name)]
+    task.metric, task.max_length = task_cfg.metric, task_cfg.data.max_length
     routing.set_class_weights(task_cfg.name, rules.class_weights)
     return rules

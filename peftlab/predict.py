@@ -4,6 +4,7 @@
     peftlab predict RUN --file reviews.txt                                     # one input per line
     peftlab predict RUN --file reviews.csv --output predictions.csv            # a data set, in batches
     peftlab predict outputs/efficientnet_lite0_lora_animal_mnist cat.png dog.jpg
+    peftlab predict outputs/minilm_multitask --task topic "stocks fell on Monday"  # a multi-task run: name the task
 
 `--file` takes a plain text file (one input per line; image paths for an image run) or a data file (.csv, .jsonl,
 .json, .parquet, read as the recipes read them): its input column is the run's `data.text_column` for a text run and
@@ -86,9 +87,10 @@ def main(argv: list[str] | None = None) -> None:
                                          "`image` for an image run)")
     parser.add_argument("--id-column", help="a data file's id column (default: the row number)")
     parser.add_argument("--output", help="write a CSV (id, label, score, p_<label>...) instead of JSON lines")
+    parser.add_argument("--task", help="a multi-task run's task to label the inputs for (its README lists them)")
     parser.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass (default: 64)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and third-party notices")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # inputs may come before or after the options (--task after RUN)
     quiet_third_party(args.debug)  # also when run as `python -m peftlab.<command>`, not through `peftlab`
     try:
         if args.batch_size < 1:
@@ -98,16 +100,26 @@ def main(argv: list[str] | None = None) -> None:
         if not args.inputs and not args.file:
             raise PeftlabError("nothing to label: pass texts/image paths or --file")
         run = load(args.run_dir)
+        tasks = getattr(run, "task_labels", None)  # a multi-task run's tasks and their label names
+        if tasks is None and args.task is not None:
+            raise PeftlabError(f"--task applies to multi-task runs, and {args.run_dir} has one task; drop --task")
+        if tasks is not None and args.task is None:
+            raise PeftlabError(f"{args.run_dir} is a multi-task run: pass --task, one of {', '.join(tasks)}")
+        if tasks is not None and args.task not in tasks:
+            raise PeftlabError(f"unknown task {args.task!r} (--task); this run's tasks are {', '.join(tasks)}")
+        label_names = tasks[args.task] if tasks is not None else run.label_names
+        options = {"task": args.task} if tasks is not None else {}
         ids, inputs = [str(i) for i in range(len(args.inputs))], list(args.inputs)
         if args.file:
-            column = args.column or (run.cfg.data.text_column if run.task == "text" else "image")
+            data = {task.name: task.data for task in run.cfg.multitask.tasks}.get(args.task, run.cfg.data)
+            column = args.column or (data.text_column if run.task == "text" else "image")
             file_ids, file_inputs = read_inputs_file(Path(args.file), column, args.id_column)
             ids, inputs = ids + file_ids, inputs + file_inputs
         if not inputs:
             raise PeftlabError(f"nothing to label: --file {args.file} holds no inputs")
-        results = run.predict(inputs, batch_size=args.batch_size, progress=True)
+        results = run.predict(inputs, batch_size=args.batch_size, progress=True, **options)
         if args.output:
-            write_predictions_csv(Path(args.output), ids, results, run.label_names)
+            write_predictions_csv(Path(args.output), ids, results, label_names)
             print(f"labelled {len(results)} inputs -> {args.output}", file=sys.stderr)
         else:
             for result in results:

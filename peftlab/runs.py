@@ -41,7 +41,7 @@ CONFIG_FILE = "config.yaml"
 TASK_FILE = "task.json"
 MULTITASK_FILE = "multitask.json"
 """A multi-task run's model/ (in place of TASK_FILE): {"task": "text", "mode": "separate"|"shared", "tasks": [{"name",
-"label_names", "metric"}, ...]} in task order, the order of the task ids."""
+"label_names", "metric", "max_length"}, ...]} in task order, the order of the task ids."""
 PREDICTIONS_FILES = {"validation": "validation_predictions.csv", "test": "test_predictions.csv"}
 
 
@@ -221,7 +221,8 @@ def write_multitask_outputs(output_dir: Path, cfg: RecipeConfig, kind: str, mode
         preprocessor.save_pretrained(model_dir)
     (model_dir / MULTITASK_FILE).write_text(json.dumps({
         "task": kind, "mode": cfg.multitask.mode,
-        "tasks": [{"name": task.name, "label_names": task.label_names, "metric": task.metric} for task in tasks],
+        "tasks": [{"name": task.name, "label_names": task.label_names, "metric": task.metric,
+                   "max_length": task.max_length} for task in tasks],
     }, indent=1) + "\n")
     metrics = write_metrics(output_dir, cfg, metrics, counts)
     (Path(output_dir) / "README.md").write_text(multitask_card(cfg, kind, metrics, counts, folder=str(output_dir)))

@@ -85,7 +85,8 @@ def save_multitask(model: nn.Module, output_dir: str | Path, base_name: str | No
     single-task model of the base names its head); with one adapter per task, peft's files of each in `<task>/`
     (peft's own layout for several adapters); with a shared body, that body at the folder's root in its strategy's
     format (a peft adapter, or the trained tensors without the heads); and the strategy spec. Arguments as for
-    `save_trained`."""
+    `save_trained` (`task` is recorded in multitask.json, not as peft's task type: the heads are not in the
+    adapters)."""
     from peftlab.multitask import head_state
 
     routing, applied = model.peftlab_tasks, applied_strategy(model)
@@ -97,7 +98,8 @@ def save_multitask(model: nn.Module, output_dir: str | Path, base_name: str | No
     if applied.record.save_format is SaveFormat.PEFT_ADAPTER:
         model.save_pretrained(output_dir)  # every adapter but one named `default` goes into a folder of its name
         for config_path in output_dir.glob(f"**/{ADAPTER_CONFIG_FILE}"):
-            portable_adapter_config(config_path, base_name, task)
+            # No task type: peft would then expect the head inside the adapter (its SEQ_CLS modules_to_save).
+            portable_adapter_config(config_path, base_name, task=None)
         for card in output_dir.glob("**/README.md"):  # peft's empty card templates
             card.unlink()
     else:

@@ -279,3 +279,139 @@ def test_each_recipe_refuses_the_other_kind_of_config(assets, tmp_path):
         check_before_loading(load_config(None, [task_list(assets, "sentiment"), f"output_dir={tmp_path / 'a'}"]))
     with pytest.raises(PeftlabError, match="the list is empty"):
         check_before_loading(load_config(None, [f"output_dir={tmp_path / 'b'}"]), multitask=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Save, load, mixed batches, and a task added later
+# ---------------------------------------------------------------------------------------------------------------------
+
+TEXTS = ["a great match for the team", "the bank stock price fell", "awful dull song", "free prize winner",
+         "this is fine", "that band album"]
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory) -> dict[str, Path]:
+    """A two-task run (sentiment, topic; one adapter each) and a run that extends it with a third task (spam)."""
+    folder = tmp_path_factory.mktemp("multitask_runs")
+    run_recipe(assets, folder / "two", task_list(assets, "sentiment", "topic"))
+    run_recipe(assets, folder / "three", task_list(assets, "spam"), f"multitask.extend={folder / 'two'}",
+               "train.seed=7")
+    return {"two": folder / "two", "three": folder / "three"}
+
+
+def saved_probabilities(path: Path) -> torch.Tensor:
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    return torch.tensor([[float(value) for key, value in row.items() if key.startswith("p_")] for row in rows])
+
+
+def test_save_then_load_reproduces_every_task(runs):
+    import peftlab
+    from peftlab.data import load_data
+
+    run = peftlab.load(runs["two"])
+    assert list(run.task_labels) == ["sentiment", "topic"]
+    for task in run.cfg.multitask.tasks:  # the test split's probabilities, as the trained model wrote them
+        texts = load_data(task.data, task="text").splits["test"]["text"]
+        expected = saved_probabilities(runs["two"] / f"test_predictions_{task.name}.csv")
+        torch.testing.assert_close(run.probabilities(texts, task=task.name), expected, atol=1e-5, rtol=0)
+
+
+def test_a_mixed_batch_routes_each_input_to_its_task_in_one_forward(runs):
+    import peftlab
+
+    run = peftlab.load(runs["two"])
+    tasks = ["sentiment", "topic", "topic", "sentiment", "topic", "sentiment"]
+    forwards = []
+    run.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    mixed = run.logits(TEXTS, tasks=tasks)
+    assert len(forwards) == 1
+    for index, (text, task) in enumerate(zip(TEXTS, tasks)):
+        alone = run.logits([text], task=task)
+        width = len(run.task_labels[task])
+        torch.testing.assert_close(mixed[index, :width], alone[0, :width], atol=1e-5, rtol=0)
+    predictions = run.predict(TEXTS, tasks=tasks)
+    assert [p["task"] for p in predictions] == tasks
+    assert all(set(p["probabilities"]) == set(TASK_WORDS[p["task"]]) for p in predictions)
+
+
+def test_an_unknown_or_missing_task_is_one_line(runs):
+    import peftlab
+
+    run = peftlab.load(runs["two"])
+    with pytest.raises(PeftlabError, match="unknown task 'weather'; this run's tasks are sentiment, topic"):
+        run.predict(TEXTS[:1], task="weather")
+    with pytest.raises(PeftlabError, match="name the task of the inputs"):
+        run.predict(TEXTS[:1])
+    with pytest.raises(PeftlabError, match="got 1 tasks for 2 inputs"):
+        run.predict(TEXTS[:2], tasks=["topic"])
+
+
+def test_each_task_is_a_peft_adapter_plus_its_head(runs, assets):
+    """Plain transformers + peft, with the task's head file, give the task's logits (peft's own format)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import peftlab
+
+    run = peftlab.load(runs["two"])
+    model_dir = runs["two"] / "model"
+    base = AutoModelForSequenceClassification.from_pretrained(assets["base"], num_labels=3, ignore_mismatched_sizes=True)
+    base.load_state_dict(load_file(model_dir / "topic" / "head.safetensors"), strict=False)
+    model = PeftModel.from_pretrained(base, model_dir / "topic").eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        logits = model(**tokenizer(TEXTS, padding=True, truncation=True, max_length=16, return_tensors="pt")).logits
+    torch.testing.assert_close(logits, run.logits(TEXTS, task="topic"), atol=1e-5, rtol=0)
+
+
+def test_a_task_added_later_leaves_the_earlier_tasks_bit_for_bit_unchanged(runs):
+    import peftlab
+
+    two, three = peftlab.load(runs["two"]), peftlab.load(runs["three"])
+    assert list(three.task_labels) == ["sentiment", "topic", "spam"]
+    for task in ("sentiment", "topic"):
+        assert torch.equal(three.logits(TEXTS, task=task), two.logits(TEXTS, task=task))
+        for file in ("head.safetensors", "adapter_model.safetensors"):
+            assert (runs["three"] / "model" / task / file).read_bytes() == (runs["two"] / "model" / task / file).read_bytes()
+    metrics = json.loads((runs["three"] / "metrics.json").read_text())
+    earlier = json.loads((runs["two"] / "metrics.json").read_text())
+    assert metrics["tasks"]["topic"]["test"] == earlier["tasks"]["topic"]["test"]
+    assert metrics["tasks"]["spam"]["trained_in"] == str(runs["three"]) and metrics["tasks"]["topic"]["batch_share"] is None
+    assert metrics["parameters"]["trainable"] == sum(metrics["tasks"]["spam"]["parameters"].values())  # only spam trained
+    mixed = three.logits(TEXTS[:3], tasks=["spam", "topic", "sentiment"])
+    torch.testing.assert_close(mixed[1, :3], two.logits(TEXTS[1:2], task="topic")[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.num_hidden_layers=1"], "tasks on different bases"),
+    (["model.pooling=mean"], "tasks on different bases"),
+    (["strategy_options.lora.r=4"], "configure the new tasks' adapters as the earlier ones"),
+    (["multitask.mode=shared"], "needs both runs in multitask.mode=separate"),
+])
+def test_extending_a_run_checks_base_strategy_and_mode(runs, assets, tmp_path, overrides, fragment):
+    with pytest.raises(PeftlabError, match=fragment):
+        run_recipe(assets, tmp_path / "run", task_list(assets, "spam"), f"multitask.extend={runs['two']}", *overrides)
+    assert not (tmp_path / "run").exists()
+
+
+def test_extending_with_a_task_the_run_has_is_refused(runs, assets, tmp_path):
+    with pytest.raises(PeftlabError, match="task 'topic' is already in"):
+        run_recipe(assets, tmp_path / "run", task_list(assets, "topic"), f"multitask.extend={runs['two']}")
+
+
+def test_peftlab_predict_takes_the_task(runs, capsys):
+    import peftlab
+    from peftlab.predict import main as predict_main
+
+    predict_main([str(runs["two"]), "--task", "topic", *TEXTS[:2]])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = peftlab.load(runs["two"]).predict(TEXTS[:2], task="topic")
+    assert [line["label"] for line in lines] == [p["label"] for p in expected]
+    assert all(line["task"] == "topic" and set(line["probabilities"]) == set(TASK_WORDS["topic"]) for line in lines)
+    for argv, fragment in [([], "is a multi-task run: pass --task, one of sentiment, topic"),
+                           (["--task", "weather"], "unknown task 'weather' (--task)")]:
+        with pytest.raises(SystemExit) as info:
+            predict_main([str(runs["two"]), *argv, TEXTS[0]])
+        assert info.value.code == 2 and fragment in capsys.readouterr().err
