@@ -415,3 +415,25 @@ def test_peftlab_predict_takes_the_task(runs, capsys):
         with pytest.raises(SystemExit) as info:
             predict_main([str(runs["two"]), *argv, TEXTS[0]])
         assert info.value.code == 2 and fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strategy", ["lora", "adapter"])
+def test_a_shared_adapter_with_a_head_per_task_saves_and_loads(assets, tmp_path, strategy):
+    """Mode shared: one adapter (a peft LoRA, or peftlab's bottleneck adapters saved as trained tensors) for every
+    task, a head per task; loading reproduces each task's test probabilities."""
+    import peftlab
+    from peftlab.data import load_data
+
+    run_recipe(assets, tmp_path / "run", task_list(assets, "sentiment", "topic"), "multitask.mode=shared",
+               f"strategy={strategy}", "strategy_options.adapter.size=4")
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    shared = saved["multitask"]["shared_parameters"]
+    assert shared > 0 and all(task["parameters"]["adapter"] == 0 for task in saved["tasks"].values())
+    assert saved["parameters"]["trainable"] == shared + sum(t["parameters"]["head"] for t in saved["tasks"].values())
+    run = peftlab.load(tmp_path / "run")
+    for task in run.cfg.multitask.tasks:
+        texts = load_data(task.data, task="text").splits["test"]["text"]
+        expected = saved_probabilities(tmp_path / "run" / f"test_predictions_{task.name}.csv")
+        torch.testing.assert_close(run.probabilities(texts, task=task.name), expected, atol=1e-5, rtol=0)
+    mixed = run.logits(TEXTS[:2], tasks=["topic", "sentiment"])
+    torch.testing.assert_close(mixed[1, :2], run.logits(TEXTS[1:2], task="sentiment")[0, :2], atol=1e-5, rtol=0)
