@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.backbones import Backbone, load_base
+from peftlab.backbones import PACKAGED_BACKBONES, Backbone, load_base
+from peftlab.backbones.packaged import packaged_name
 from peftlab.data.tasks import TASK_IDS
 from peftlab.errors import PeftlabError
 from peftlab.heads import find_head, is_in_modules
@@ -196,6 +197,10 @@ def build_multitask_model(model_cfg, kind: str, tasks: Sequence[TaskSpec], strat
     initial values from the global RNG in task order; the base weights are the same every time). Tasks marked
     `frozen` do not train; with `extend`, those of the earlier run get its saved heads and adapters.
     """
+    packaged = PACKAGED_BACKBONES.get(packaged_name(model_cfg.name) or "")
+    if kind != "text" or (packaged is not None and packaged.task != "text"):
+        raise PeftlabError(f"multi-task runs take text tasks on a text backbone for now, and {model_cfg.name!r} is "
+                           f"an image backbone; train image tasks as single-task runs (recipes/image_classification.py)")
     backbones = [load_base(model_cfg, task=kind, label_names=task.label_names) for task in tasks]
     base = backbones[0].model
     heads = find_head(base, model_cfg.head_modules)

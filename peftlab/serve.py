@@ -7,7 +7,11 @@
 Endpoints:
     POST /predict   {"inputs": ["a text", ...]} for a text run; {"images": ["<base64>", ...]} or multipart files
                     named `images` for an image run -> {"predictions": [{"label": ..., "probabilities": {...}}, ...]}
-    GET  /metadata  task, label names, base model, strategy, test metrics, limits
+                    A multi-task run: {"inputs": [...], "task": "<name>"}, or "tasks": ["<name>", ...] with one task
+                    per input (routed in one forward pass, also across requests batched together); each prediction
+                    also names its "task".
+    GET  /metadata  task, label names (a multi-task run: `tasks`, each task's label names), base model, strategy,
+                    test metrics, limits
     GET  /health    {"status": "ok"}; the only endpoint that never needs the token
     GET  /          a page to try the model in a browser (self-contained: works offline; holds no model data)
 
@@ -111,7 +115,7 @@ def load_model(folder: str | Path, threads: int | None = None) -> ServedModel:
             "strategy": run.get("strategy"), "strategy_options": run.get("strategy_options"), "format": "onnx",
             "test_metrics": run.get("test_metrics")})
     from peftlab.backbones import portable_name
-    from peftlab.loading import load
+    from peftlab.loading import MultiTaskRun, load
     from peftlab.runs import METRICS_FILE
 
     model = load(folder)
@@ -122,8 +126,10 @@ def load_model(folder: str | Path, threads: int | None = None) -> ServedModel:
             test_metrics = json.loads(metrics_path.read_text(encoding="utf-8")).get("test")
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             print(f"warning: {metrics_path} is damaged; /metadata shows no test metrics", file=sys.stderr)
+    tasks = {"tasks": model.task_labels, "label_names": []} if isinstance(model, MultiTaskRun) else \
+        {"label_names": list(model.label_names)}
     return ServedModel(model, {
-        "task": model.task, "label_names": list(model.label_names), "base_model": portable_name(cfg.model.name),
+        "task": model.task, **tasks, "base_model": portable_name(cfg.model.name),
         "strategy": cfg.strategy, "strategy_options": cfg.strategy_options.get(cfg.strategy, {}),
         "format": "pytorch", "test_metrics": test_metrics})
 
@@ -136,8 +142,34 @@ JSON_SHAPES = {"text": '{"inputs": ["a text", ...]}',
                "image": '{"images": ["<base64>", ...]} or multipart files named "images"'}
 
 
-async def read_inputs(request, task: str, limits: ServeLimits) -> list:
-    """The texts, or decoded PIL images, of a POST /predict request; ClientError for anything else."""
+MULTITASK_SHAPE = '{"inputs": ["a text", ...], "task": "<task>"} or {"inputs": [...], "tasks": ["<task>", ...]}'
+
+
+def read_tasks(payload: dict, count: int, task_names: list[str]) -> list[str]:
+    """The task of each of a multi-task request's `count` inputs, from its `task` or `tasks`; ClientError otherwise."""
+    def known(name, where: str) -> str:
+        if not isinstance(name, str) or name not in task_names:
+            raise ClientError(400, f"{where} is {json.dumps(name)}, not a task of this server ({', '.join(task_names)})")
+        return name
+
+    if ("task" in payload) == ("tasks" in payload):
+        raise ClientError(400, f"name the task of the inputs with \"task\", or one per input with \"tasks\" (not "
+                               f"both); this server's tasks are {', '.join(task_names)}: send {MULTITASK_SHAPE}")
+    if "task" in payload:
+        return [known(payload["task"], "task")] * count
+    tasks = payload["tasks"]
+    if not isinstance(tasks, list) or len(tasks) != count:
+        raise ClientError(400, f"'tasks' must be a list with one task per input ({count}); send {MULTITASK_SHAPE}")
+    return [known(name, f"tasks[{i}]") for i, name in enumerate(tasks)]
+
+
+async def read_inputs(request, task: str, limits: ServeLimits, task_names: list[str] | None = None) -> list:
+    """The texts, or decoded PIL images, of a POST /predict request; ClientError for anything else.
+
+    Args:
+        task_names: a multi-task run's tasks: the request names its inputs' task(s) (`read_tasks`), and the result
+            is (text, task) pairs.
+    """
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
@@ -176,8 +208,8 @@ async def read_inputs(request, task: str, limits: ServeLimits) -> list:
         raise ClientError(400, f"the body's JSON nests too deeply; send {JSON_SHAPES[task]}") from err
     if not isinstance(payload, dict):
         raise ClientError(400, f"the body must be a JSON object, not {json_type(payload)}; send {JSON_SHAPES[task]}")
-    if unknown := sorted(set(payload) - {"inputs", "images"}):
-        raise ClientError(400, f"unknown key {unknown[0]!r}; send {JSON_SHAPES[task]}")
+    if unknown := sorted(set(payload) - {"inputs", "images", *(("task", "tasks") if task_names else ())}):
+        raise ClientError(400, f"unknown key {unknown[0]!r}; send {MULTITASK_SHAPE if task_names else JSON_SHAPES[task]}")
     key, other = ("inputs", "images") if task == "text" else ("images", "inputs")
     if other in payload:
         raise ClientError(400, f"this server labels {task}s, so {other!r} does not apply; send {JSON_SHAPES[task]}")
@@ -203,7 +235,7 @@ async def read_inputs(request, task: str, limits: ServeLimits) -> list:
             except UnicodeEncodeError as err:  # JSON's "\ud800" escape: no character, and the tokenizer refuses it
                 raise ClientError(400, f"inputs[{i}] holds an unpaired surrogate ({err.reason} at {err.start}); "
                                        f"send valid Unicode text") from err
-        return items
+        return list(zip(items, read_tasks(payload, len(items), task_names))) if task_names else items
     named = [(f"images[{i}]", check_image_bytes(decode_base64(item, i, limits), None, limits))
              for i, item in enumerate(items)]
     return await run_in_threadpool(decode_images, named, limits)
@@ -321,10 +353,20 @@ def build_app(served: ServedModel, limits: ServeLimits | None = None, token: str
     limits = limits or ServeLimits()
     model = served.model
     metadata = {**served.metadata, "limits": dataclasses.asdict(limits)}
-    labels = list(model.label_names)
+    task_labels = served.metadata.get("tasks")  # a multi-task run: {task: its label names}
+    labels = list(model.label_names) if task_labels is None else None
 
     def forward(inputs: list) -> list[list[float]]:
-        return model.probabilities(inputs).tolist()  # a torch tensor or a numpy array: both have tolist()
+        if task_labels is None:
+            return model.probabilities(inputs).tolist()  # a torch tensor or a numpy array: both have tolist()
+        # (text, task) pairs, maybe of several requests: one forward, each text through its task's adapter and head.
+        rows = model.probabilities([text for text, _ in inputs], tasks=[name for _, name in inputs]).tolist()
+        return [row[:len(task_labels[name])] for row, (_, name) in zip(rows, inputs)]
+
+    def prediction(row: list[float], item) -> dict[str, Any]:
+        names = labels if task_labels is None else task_labels[item[1]]
+        best = {"label": names[max(range(len(row)), key=row.__getitem__)], "probabilities": dict(zip(names, row))}
+        return best if task_labels is None else {"task": item[1], **best}
 
     worker = (MicroBatcher(forward, max_batch=limits.max_batch, wait_s=limits.batch_wait_ms / 1000)
               if limits.batching else ModelWorker(forward))
@@ -373,15 +415,14 @@ def build_app(served: ServedModel, limits: ServeLimits | None = None, token: str
 
     @app.post("/predict", dependencies=guarded)
     async def predict(request: Request):
-        inputs = await read_inputs(request, model.task, limits)
+        inputs = await read_inputs(request, model.task, limits, list(task_labels) if task_labels else None)
         try:
             rows = await worker(inputs)
         finally:
             for item in inputs:
                 if hasattr(item, "close"):
                     item.close()
-        return {"predictions": [{"label": labels[max(range(len(row)), key=row.__getitem__)],
-                                 "probabilities": dict(zip(labels, row))} for row in rows]}
+        return {"predictions": [prediction(row, item) for row, item in zip(rows, inputs)]}
 
     page = resources.files("peftlab").joinpath("serve_page.html").read_text(encoding="utf-8")
     page = page.replace("__TOKEN_REQUIRED__", "true" if token else "false")
@@ -518,7 +559,9 @@ def main(argv: list[str] | None = None) -> None:
               f"model; set {TOKEN_ENV} (or --token)", file=sys.stderr)
     batching = (f"batching (waiting {limits.batch_wait_ms:g} ms)" if limits.batching and limits.batch_wait_ms else
                 "batching" if limits.batching else "no batching")
-    print(f"serving {args.run} ({served.model.task}: {', '.join(served.model.label_names)}; {batching}; "
+    tasks = served.metadata.get("tasks")
+    labels = ", ".join(served.model.label_names) if tasks is None else f"tasks {', '.join(tasks)}"
+    print(f"serving {args.run} ({served.model.task}: {labels}; {batching}; "
           f"{served.metadata['format']}; {threads.threads} cpu "
           f"threads ({'--threads' if args.threads else threads.reason})"
           f"{'; token required' if token else ''}) on http://{args.host}:{args.port}", flush=True)

@@ -1,7 +1,9 @@
 """Fine-tune several text classification tasks on one frozen base: a head per task, one LoRA adapter per task
 (multitask.mode=separate) or one adapter shared by all (shared), batches sampled across tasks.
 
-Default (no arguments): LoRA per task on the packaged all-MiniLM-L6-v2 over two packaged Rotten Tomatoes tasks.
+Text tasks on a text backbone (image tasks are refused in one line for now: train them as single-task runs).
+Default (no arguments): LoRA per task on the packaged all-MiniLM-L6-v2 over Rotten Tomatoes sentiment and Reuters-R8
+topics (prepare R8 once with `python benchmarks/data/reuters_r52.py --subset r8 benchmarks/data/r8`).
     accelerate launch recipes/multitask_classification.py
     python recipes/multitask_classification.py --config recipes/configs/minilm_multitask.yaml \
         "multitask.tasks=[{name: reviews, data: {name: reviews.csv}}, {name: topics, data: {name: news.csv}}]"

@@ -437,3 +437,81 @@ def test_a_shared_adapter_with_a_head_per_task_saves_and_loads(assets, tmp_path,
         torch.testing.assert_close(run.probabilities(texts, task=task.name), expected, atol=1e-5, rtol=0)
     mixed = run.logits(TEXTS[:2], tasks=["topic", "sentiment"])
     torch.testing.assert_close(mixed[1, :2], run.logits(TEXTS[1:2], task="sentiment")[0, :2], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Serving every task from one process (the real server on 127.0.0.1, over HTTP)
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def multitask_server(runs):
+    from peftlab.serve import server_process
+
+    with server_process(runs["two"], "--no-access-log", "--threads", "1", "--batch-wait-ms", "50") as server:
+        yield server
+
+
+def assert_predictions(predictions: list[dict], expected: list[dict]) -> None:
+    """The server's predictions equal peftlab.load's (labels exactly, probabilities to float32 rounding)."""
+    assert [(p["task"], p["label"]) for p in predictions] == [(e["task"], e["label"]) for e in expected]
+    for prediction, want in zip(predictions, expected):
+        assert list(prediction["probabilities"]) == list(want["probabilities"])
+        assert list(prediction["probabilities"].values()) == pytest.approx(list(want["probabilities"].values()),
+                                                                          abs=1e-5)
+
+
+def test_the_server_labels_each_request_for_its_task(runs, multitask_server):
+    import httpx
+
+    import peftlab
+
+    run = peftlab.load(runs["two"])
+    meta = httpx.get(multitask_server.url + "/metadata").json()
+    assert meta["tasks"] == {"sentiment": sorted(TASK_WORDS["sentiment"]), "topic": sorted(TASK_WORDS["topic"])}
+    answer = httpx.post(multitask_server.url + "/predict", json={"inputs": TEXTS[:3], "task": "topic"}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert_predictions(answer.json()["predictions"], run.predict(TEXTS[:3], task="topic"))
+    tasks = ["sentiment", "topic", "topic", "sentiment"]  # a mixed request: routed per input, in one forward
+    answer = httpx.post(multitask_server.url + "/predict", json={"inputs": TEXTS[:4], "tasks": tasks}, timeout=60)
+    alone = [run.predict([text], task=task)[0] for text, task in zip(TEXTS, tasks)]
+    assert_predictions(answer.json()["predictions"], alone)
+
+
+def test_concurrent_requests_for_different_tasks_batched_together_get_their_own_answers(runs, multitask_server):
+    import asyncio
+
+    import httpx
+
+    import peftlab
+
+    run = peftlab.load(runs["two"])
+    requests = [("sentiment", TEXTS[:2]), ("topic", TEXTS[2:5]), ("sentiment", TEXTS[5:])]
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=multitask_server.url, timeout=60) as client:
+            return await asyncio.gather(*[client.post("/predict", json={"inputs": texts, "task": task})
+                                          for task, texts in requests])
+
+    for (task, texts), answer in zip(requests, asyncio.run(send_all())):
+        assert_predictions(answer.json()["predictions"], run.predict(texts, task=task))
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"inputs": ["x"]}, 'name the task of the inputs with "task", or one per input with "tasks"'),
+    ({"inputs": ["x"], "task": "topic", "tasks": ["topic"]}, "(not both)"),
+    ({"inputs": ["x"], "task": "weather"}, 'task is "weather", not a task of this server (sentiment, topic)'),
+    ({"inputs": ["x", "y"], "tasks": ["topic"]}, "'tasks' must be a list with one task per input (2)"),
+    ({"inputs": ["x"], "tasks": [3]}, "tasks[0] is 3, not a task of this server"),
+    ({"inputs": ["x"], "task": "topic", "label": 1}, "unknown key 'label'"),
+])
+def test_a_request_with_a_bad_task_gets_one_json_error(multitask_server, body, fragment):
+    import httpx
+
+    answer = httpx.post(multitask_server.url + "/predict", json=body, timeout=60)
+    assert answer.status_code == 400 and fragment in answer.json()["error"], answer.text
+    assert "\n" not in answer.json()["error"]
+
+
+def test_an_image_backbone_is_refused_in_one_line(assets, tmp_path):
+    with pytest.raises(PeftlabError, match="multi-task runs take text tasks on a text backbone for now"):
+        run_recipe(assets, tmp_path / "run", task_list(assets, "sentiment"), "model.name=efficientnet-lite0")
