@@ -370,6 +370,18 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return get_base() if get_base is not None else model
 
 
+def check_one_process(accelerator, model: nn.Module) -> None:
+    """Refuse in one line what a multi-task run cannot do yet: several processes (each would draw a batch of another
+    task, so DDP would reduce gradients of adapters and heads that other processes never ran), and say that the
+    frozen-feature cache does not apply (the heads differ per batch; the frozen backbone runs every step)."""
+    if accelerator.num_processes > 1:
+        raise PeftlabError(f"multi-task runs train in one process for now ({accelerator.num_processes} launched); "
+                           f"launch with `python` or `accelerate launch --num_processes 1`")
+    if model.peftlab_strategy.record.caches_frozen_features:
+        accelerator.print("train.cache_frozen_features does not apply to multi-task runs: the frozen backbone runs at "
+                          "every step")
+
+
 def resolve_task_rules(cfg, task_cfg, data, *, model: nn.Module, tokenizer=None, length_limit=None):
     """`peftlab.data_rules.resolve_data_rules` for one task: its own `auto` length, class weights and metric, written
     into `task_cfg` (data.max_length, metric) as a single-task run writes them into its config, and the metric and

@@ -26,7 +26,7 @@ from peftlab.data import load_data, tokenize_dataset
 from peftlab.data.tasks import make_task_text_dataloader
 from peftlab.learning_rates import rate_groups
 from peftlab.metrics import multitask_scalar_metrics, per_task_metrics
-from peftlab.multitask import build_multitask_model, resolve_task_rules, tasks_to_train
+from peftlab.multitask import build_multitask_model, check_one_process, resolve_task_rules, tasks_to_train
 from peftlab.phases import PhaseTimer
 from peftlab.runs import check_before_loading, prepare_output_dir, save_multitask_run, score_test
 from peftlab.training import build_accelerator, train
@@ -61,6 +61,7 @@ def main(cfg: RecipeConfig) -> dict:
     rate_groups(model, cfg.train)
 
     accelerator = build_accelerator(cfg.train, cfg.output_dir)
+    check_one_process(accelerator, model)  # one task per batch per process: DDP's gradients would not line up
     output_dir = prepare_output_dir(cfg, accelerator)
     accelerator.print(f"{cfg.strategy} on {cfg.model.name}, {len(tasks)} tasks ({cfg.multitask.mode}): {counts}")
     for task_cfg in cfg.multitask.tasks:
