@@ -223,9 +223,10 @@ def export_run(run_dir: str | Path, output_dir: Optional[str | Path] = None, *, 
 
     Raises PeftlabError for a run that cannot be exported (one line), ParityError when the graph's logits differ.
     """
-    from peftlab.loading import load
+    from peftlab.loading import load, refuse_multitask
 
     run_dir = Path(run_dir)
+    refuse_multitask(run_dir)
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise PeftlabError(f"--quantize {quantize} is not supported; choose {' or '.join(QUANTIZE_CHOICES)}")
     if (run_dir / CONFIG_FILE).is_file():  # refuse before loading the model (seconds) when the config says so

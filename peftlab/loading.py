@@ -46,13 +46,18 @@ def load(run_dir: str | Path) -> "LoadedRun | MultiTaskRun":
     return LoadedRun(run_dir)
 
 
+def refuse_multitask(run_dir: str | Path) -> None:
+    """The one-line error of a command that takes single-task runs only, given a multi-task run."""
+    if (Path(run_dir) / MODEL_SUBDIR / MULTITASK_FILE).is_file():
+        raise PeftlabError(f"{run_dir} is a multi-task run; this command takes single-task runs (peftlab.load, "
+                           f"predict and serve take multi-task runs)")
+
+
 def read_run_info(run_dir: str | Path) -> tuple:
     """(config, task, label names) of a finished single-task run folder, read without loading any weights."""
     run_dir = Path(run_dir)
     model_dir = run_dir / MODEL_SUBDIR
-    if (model_dir / MULTITASK_FILE).is_file():
-        raise PeftlabError(f"{run_dir} is a multi-task run; this command takes single-task runs (peftlab.load, "
-                           f"predict and serve take multi-task runs)")
+    refuse_multitask(run_dir)
     if not (model_dir / TASK_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
         raise PeftlabError(f"{run_dir} is not a finished peftlab run (no {CONFIG_FILE} or "
                            f"{MODEL_SUBDIR}/{TASK_FILE})")

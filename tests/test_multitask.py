@@ -515,3 +515,14 @@ def test_a_request_with_a_bad_task_gets_one_json_error(multitask_server, body, f
 def test_an_image_backbone_is_refused_in_one_line(assets, tmp_path):
     with pytest.raises(PeftlabError, match="multi-task runs take text tasks on a text backbone for now"):
         run_recipe(assets, tmp_path / "run", task_list(assets, "sentiment"), "model.name=efficientnet-lite0")
+
+
+def test_commands_for_single_task_runs_refuse_a_multitask_run_in_one_line(runs, tmp_path):
+    from peftlab.export import export_run
+    from peftlab.fuse import main as fuse_main
+
+    with pytest.raises(PeftlabError, match="is a multi-task run; this command takes single-task runs"):
+        export_run(runs["two"], tmp_path / "onnx")
+    with pytest.raises(SystemExit) as info:
+        fuse_main([str(runs["two"]), str(runs["three"]), "--method", "ensemble", "--output", str(tmp_path / "f")])
+    assert info.value.code == 2
