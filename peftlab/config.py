@@ -332,8 +332,12 @@ def load_config(path: Optional[str], overrides: typing.Sequence[str] = (), cls: 
 
 
 def config_to_dict(cfg: Any) -> dict:
-    """The config as nested plain dicts and lists (YAML- and JSON-ready)."""
-    return dataclasses.asdict(cfg)
+    """The config as nested plain dicts and lists (YAML- and JSON-ready). A single-task config leaves out the
+    `multitask` section at its defaults, so its config.yaml is written as before multi-task runs existed."""
+    data = dataclasses.asdict(cfg)
+    if isinstance(cfg, RecipeConfig) and cfg.multitask == MultitaskConfig():
+        del data["multitask"]
+    return data
 
 
 def save_config(cfg: Any, path: str | os.PathLike, header: Optional[str] = None) -> Path:

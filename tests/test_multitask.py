@@ -20,9 +20,14 @@ TWO_TASKS = "multitask.tasks=[{name: sentiment, data: {name: a.csv}}, {name: top
 # Config
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_a_single_task_config_is_unchanged():
+def test_a_single_task_config_is_unchanged(tmp_path):
+    from peftlab.config import config_to_dict, save_config
+
     cfg = load_config(None, [])
     assert cfg.multitask.tasks == [] and cfg.data.name == "rotten_tomatoes"
+    # Its config.yaml is written as before multi-task runs existed (no `multitask` section), and loads back the same.
+    assert "multitask" not in config_to_dict(cfg) and "multitask" in config_to_dict(load_config(None, [TWO_TASKS]))
+    assert load_config(str(save_config(cfg, tmp_path / "config.yaml"))) == cfg
 
 
 def test_tasks_take_the_top_level_data_keys_they_leave_out():
