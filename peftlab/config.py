@@ -487,6 +487,9 @@ def _check_multitask_strategy(cfg: "RecipeConfig") -> None:
         raise PeftlabError(f"multitask.mode=separate trains one adapter per task and routes mixed batches per "
                            f"example, which peft does for LoRA only, not strategy {cfg.strategy!r}; use strategy=lora "
                            f"or multitask.mode=shared")
+    if not record.heads_apart:
+        raise PeftlabError(f"strategy {cfg.strategy!r} keeps the task head inside its peft adapter, so a multi-task "
+                           f"run cannot give each task its own head; use lora, ia3, adapter, bitfit or head")
     hooks = [name for name in ("before_training", "after_optimizer_step", "prepare_base", "save_adapter")
              if getattr(record, name) is not None]
     if hooks:

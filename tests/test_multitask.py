@@ -64,6 +64,7 @@ def test_a_saved_multitask_config_loads_back_the_same(tmp_path):
     ([TWO_TASKS, "strategy=adapter"], "multitask.mode=separate trains one adapter per task"),
     ([TWO_TASKS, "strategy=full", "multitask.mode=shared"], "trains the whole base"),
     ([TWO_TASKS, "strategy_options.lora.init=eva"], "needs before_training"),
+    ([TWO_TASKS, "strategy=prompt", "multitask.mode=shared"], "keeps the task head inside its peft adapter"),
 ])
 def test_bad_task_lists_fail_in_one_line(overrides, fragment):
     with pytest.raises(PeftlabError) as info:
@@ -247,14 +248,40 @@ def test_evaluation_batches_go_through_each_task_in_order():
 # Routing (model level)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def tiny_multitask(assets, names=("sentiment", "topic"), mode="separate", strategy="lora", seed=1):
+def tiny_multitask(assets, names=("sentiment", "topic"), mode="separate", strategy="lora", seed=1, options=None):
     from peftlab.config import ModelConfig
     from peftlab.multitask import TaskSpec, build_multitask_model
 
     torch.manual_seed(seed)
     tasks = [TaskSpec(name, list(TASK_WORDS[name])) for name in names]
-    return build_multitask_model(ModelConfig(name=str(assets["base"]), pooling="mean"), "text", tasks, strategy, {},
-                                 mode=mode)
+    return build_multitask_model(ModelConfig(name=str(assets["base"]), pooling="mean"), "text", tasks, strategy,
+                                 options or {}, mode=mode)
+
+
+@pytest.mark.parametrize("strategy, options, mode", [
+    ("peft", {"method": "lora"}, "separate"),  # peft's LoRA by name: one adapter per task, as strategy lora
+    ("ia3", {}, "shared"),  # a peft tuner other than LoRA, shared
+])
+def test_peft_methods_keep_the_heads_out_of_their_adapters(assets, tmp_path, strategy, options, mode):
+    """Without a head to save, peft's methods must not take the classifier into the adapter (SEQ_CLS would): the
+    tasks' heads stay routed per task, and save + load into a fresh model reproduces every task."""
+    from peftlab.saving import load_multitask_weights, save_multitask
+
+    model, backbone = tiny_multitask(assets, mode=mode, strategy=strategy, options=options)
+    assert not any("modules_to_save" in name for name, _ in model.named_parameters())
+    with torch.no_grad():  # every trained tensor away from its initial value, so a mix-up shows
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.eval()
+    batch = dict(backbone.tokenizer(TEXTS, return_tensors="pt", padding=True))
+    expected = [model(**batch, task_ids=torch.full((len(TEXTS),), task)).logits for task in (0, 1)]
+    save_multitask(model, tmp_path / "model")
+    loaded, _ = tiny_multitask(assets, mode=mode, strategy=strategy, options=options, seed=5)
+    load_multitask_weights(loaded, tmp_path / "model", ["sentiment", "topic"])
+    loaded.eval()
+    for task in (0, 1):
+        torch.testing.assert_close(loaded(**batch, task_ids=torch.full((len(TEXTS),), task)).logits, expected[task])
 
 
 def test_a_training_batch_must_hold_one_task_and_needs_task_ids(assets):

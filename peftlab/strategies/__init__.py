@@ -96,12 +96,14 @@ def apply_strategy(model: nn.Module, name: str, head_modules: Optional[Sequence[
         apply_mean_pooling(model)
     if batchnorm not in BATCHNORM_POLICIES:
         raise PeftlabError(f"batchnorm={batchnorm!r} is not supported; choose one of {list(BATCHNORM_POLICIES)}")
-    record = get_strategy(name)
+    record = strategy_record(name, dataclasses.asdict(built))
+    if heads_apart and not record.heads_apart:
+        raise PeftlabError(f"strategy {name!r} keeps the task head inside its adapter, so it cannot give each task "
+                           f"its own head; use lora, ia3, adapter, bitfit or head")
     adapted = record.fn(model, built, [] if heads_apart else heads)
     if heads_apart:
-        base_name = strategy_record(name, dataclasses.asdict(built)).base_name
         for param_name, param in adapted.named_parameters():
-            if is_in_modules(base_name(param_name) or "", heads):
+            if is_in_modules(record.base_name(param_name) or "", heads):
                 param.requires_grad_(True)
     freeze_norm_statistics(adapted, batchnorm)
     # What save/load need to rebuild the same model on a fresh base, and the way to its record.

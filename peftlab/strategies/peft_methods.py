@@ -183,13 +183,16 @@ def wrap_with_peft(model: nn.Module, method: str, config: dict[str, Any], head_m
     cls = config_class(method)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = dict(config)
-    text = _is_text_model(model)
+    text, prompt = _is_text_model(model), is_prompt_learning(method)
     if "modules_to_save" not in fields:
         raise PeftlabError(f"{where} cannot train the new task head: peft's {cls.__name__} has no modules_to_save")
     kwargs["modules_to_save"] = list(head_modules)
-    if text:
+    # No head given: the caller keeps the heads apart (multi-task), and SEQ_CLS would make peft copy the classifier
+    # into the adapter anyway (its `modules_to_save` default). Prompt learning needs SEQ_CLS's forward, and refuses
+    # heads apart (its record's `heads_apart`).
+    if text and (head_modules or prompt):
         kwargs["task_type"] = "SEQ_CLS"
-    if is_prompt_learning(method):
+    if prompt:
         if not text:
             raise PeftlabError(f"{where} prepends virtual tokens to a text model's token embeddings, and "
                                f"{type(model).__name__} takes pixels; choose a method that adapts layers (lora, ia3, "
@@ -211,7 +214,7 @@ def wrap_with_peft(model: nn.Module, method: str, config: dict[str, Any], head_m
         adapted = get_peft_model(model, config)
     except (ValueError, NotImplementedError) as err:  # peft's own checks of the options against the model
         raise PeftlabError(f"{where} cannot adapt {type(model).__name__}: {_first_line(err)}") from err
-    if is_prompt_learning(method):
+    if prompt:
         _refuse_inputs_past_positions(adapted, kwargs["num_virtual_tokens"], where)
     return adapted
 
@@ -346,6 +349,8 @@ def tuner_record(method: str, options: Optional[dict[str, Any]] = None) -> dict[
     fields: dict[str, Any] = dict(save_format=SaveFormat.PEFT_ADAPTER,
                                   base_name=prompt_base_name if prompt else peft_base_name,
                                   parameter_groups=method_parameter_groups(method), merge=Merge.FOLD)
+    if prompt:
+        fields["heads_apart"] = False
     if prompt or method in NOT_MERGEABLE:
         reason = PROMPT_LEARNING_CANNOT_MERGE if prompt else NOT_MERGEABLE[method]
         fields.update(merge=Merge.NOT_FOLDABLE, cannot_merge_because=f"peft method {method!r}: {reason}")

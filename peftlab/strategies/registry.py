@@ -91,6 +91,10 @@ class StrategyRecord:
     per_task_adapters: bool = False
     """A peft tuner that holds several named adapters and that peft routes per example in a mixed batch
     (`adapter_names=`; LoRA in peft 0.21): multi-task `separate` mode trains one such adapter per task."""
+    heads_apart: bool = True
+    """The strategy can leave the heads out of what it wraps (`apply_strategy(heads_apart=True)`: a multi-task run's
+    head per task); False for peft's prompt learning, whose sequence-classification forward keeps the head inside the
+    adapter."""
     caches_frozen_features: bool = False
     """Everything below the head is frozen, so `peftlab.caching` may run it once and train on its outputs."""
     base_name: Callable[[str], Optional[str]] = same_name
@@ -130,7 +134,7 @@ def register_strategy(name: str, options_cls: type, **record_fields: Any):
 
     Args:
         record_fields: `StrategyRecord` fields after `options_cls` (`save_format`, `merge`, `cannot_merge_because`,
-            `per_task_adapters`, `caches_frozen_features`, `base_name`, `parameter_groups`, `after_optimizer_step`, `before_training`,
+            `per_task_adapters`, `heads_apart`, `caches_frozen_features`, `base_name`, `parameter_groups`, `after_optimizer_step`, `before_training`,
             `prepare_base`, `save_adapter`, `by_options`); the defaults fit a strategy that only chooses what trains.
     """
 
