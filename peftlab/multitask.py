@@ -212,7 +212,7 @@ def build_multitask_model(model_cfg, kind: str, tasks: Sequence[TaskSpec], strat
     model = apply_strategy(base, strategy, head_modules=heads, pooling=model_cfg.pooling,
                            batchnorm=model_cfg.batchnorm, heads_apart=True, **options)
     if mode == "separate":
-        _one_adapter_per_task(model, [task.name for task in tasks])
+        _one_adapter_per_task(model, [task.name for task in tasks], heads)
     for task in tasks:
         if task.frozen:
             for param in task_parameters(model, routing, task.name):
@@ -228,18 +228,33 @@ def build_multitask_model(model_cfg, kind: str, tasks: Sequence[TaskSpec], strat
     return model, backbones[0]
 
 
-def _one_adapter_per_task(model: nn.Module, names: list[str]) -> None:
+def _one_adapter_per_task(model: nn.Module, names: list[str], heads: Sequence[str]) -> None:
     """Replace the strategy's one peft adapter (`default`) by one per task, configured alike; all of them train."""
+    _check_adapter_names(model, names, heads)
     config = model.peft_config["default"]
     layers = _adapter_layer_names(model)
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     for name in names:
         model.add_adapter(name, copy.deepcopy(config))
+    activate_adapter(model, names[0])  # before deleting `default`, which peft would warn was active
     model.delete_adapter("default")
     per_task = {_rename_adapter(name, layers, task) for name in trainable for task in names}
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable or name in per_task)
-    activate_adapter(model, names[0])
+
+
+def _check_adapter_names(model: nn.Module, names: list[str], heads: Sequence[str]) -> None:
+    """Refuse, in one line, a task named like a part of the model's weight names (`value`, `dense`, `weight`): peft
+    tells adapters apart by `.<name>.` in a weight's key, so saving one task's adapter would drop every key holding
+    another task's name, e.g. its LoRA on `attention.self.value` when a task is called `value`."""
+    base_name = model.peftlab_strategy.record.base_name
+    keys = [key for key in model.state_dict() if not is_in_modules(base_name(key) or key, heads)]
+    for name in names:
+        clash = next((key for key in keys if name in key.split(".")), None)
+        if clash is not None:
+            raise PeftlabError(f"task name {name!r} is also part of the model's weight names ({clash}), which peft "
+                               f"would confuse with the task's adapter when saving; rename the task, e.g. "
+                               f"{name}_task")
 
 
 def _adapter_layer_names(model: nn.Module) -> set[str]:

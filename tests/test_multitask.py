@@ -253,7 +253,7 @@ def tiny_multitask(assets, names=("sentiment", "topic"), mode="separate", strate
     from peftlab.multitask import TaskSpec, build_multitask_model
 
     torch.manual_seed(seed)
-    tasks = [TaskSpec(name, list(TASK_WORDS[name])) for name in names]
+    tasks = [TaskSpec(name, list(TASK_WORDS.get(name, ["no", "yes"]))) for name in names]
     return build_multitask_model(ModelConfig(name=str(assets["base"]), pooling="mean"), "text", tasks, strategy,
                                  options or {}, mode=mode)
 
@@ -292,6 +292,16 @@ def test_a_training_batch_must_hold_one_task_and_needs_task_ids(assets):
         model(**batch, task_ids=torch.tensor([0, 1]))
     with pytest.raises(PeftlabError, match="needs `task_ids`"):
         model(**batch)
+
+
+@pytest.mark.parametrize("name", ["value", "dense", "weight"])
+def test_a_task_named_like_a_weight_of_the_model_is_refused_in_one_line(assets, name):
+    """peft finds an adapter's keys by `.<name>.`: a task `value` would save the other tasks without their LoRA on
+    `attention.self.value` (and load them silently wrong)."""
+    with pytest.raises(PeftlabError, match=f"task name '{name}' is also part of the model's weight names") as info:
+        tiny_multitask(assets, names=("sentiment", name))
+    assert "\n" not in str(info.value)
+    tiny_multitask(assets, names=("sentiment", name), mode="shared")  # one adapter, `default`: no clash
 
 
 def test_the_loss_weights_each_example_by_its_task_and_class(assets):
