@@ -76,6 +76,7 @@ def main(cfg: RecipeConfig) -> dict:
     loader_options = dict(sampling=cfg.multitask.sampling, temperature=cfg.multitask.temperature, seed=cfg.train.seed)
     train_loader = make_task_text_dataloader([tokenized[task.name]["train"] for task in trained], backbone.tokenizer,
                                              cfg.train.batch_size, shuffle=True, **loader_options,
+                                             group_by_length=cfg.train.group_by_length,
                                              task_ids=[tasks.index(task) for task in trained])
     eval_loaders = {split: make_task_text_dataloader([tokenized[task.name][split] for task in trained],
                                                      backbone.tokenizer, cfg.train.eval_batch_size, shuffle=False,

@@ -238,6 +238,31 @@ def test_temperature_sampling_follows_n_to_the_one_over_t():
     assert counts[1] / sum(counts) == pytest.approx(1 / 3, abs=0.02)  # 5,000 draws: 1/3 ± 3 standard errors
 
 
+def test_group_by_length_groups_each_tasks_batches_by_length():
+    """train.group_by_length (on by default) applies to multi-task batches too: one task per batch, every example
+    once per epoch, far less padding than plain shuffles, and the same order for the same (seed, epoch)."""
+    import random as plain_random
+
+    from peftlab.data.tasks import TaskBatchSampler
+
+    rng = plain_random.Random(0)
+    sizes = [400, 160]
+    lengths = [[rng.randint(1, 128) for _ in range(n)] for n in sizes]
+    flat = [length for task in lengths for length in task]
+
+    def padded(batches):  # tokens after padding each batch to its longest
+        return sum(len(batch) * max(flat[i] for i in batch) for batch in batches)
+
+    grouped = TaskBatchSampler(sizes, 8, shuffle=True, sampling="proportional", seed=3, lengths=lengths)
+    batches = list(grouped)
+    assert sorted(i for batch in batches for i in batch) == list(range(sum(sizes)))
+    assert all(len({task_of(i, sizes) for i in batch}) == 1 for batch in batches)
+    shuffled = list(TaskBatchSampler(sizes, 8, shuffle=True, sampling="proportional", seed=3))
+    assert padded(batches) < 0.8 * padded(shuffled)
+    grouped.set_epoch(0)
+    assert list(grouped) == batches
+
+
 def test_evaluation_batches_go_through_each_task_in_order():
     from peftlab.data.tasks import TaskBatchSampler
 

@@ -8,6 +8,8 @@ task the next batch comes from is the sampler's choice (`multitask.sampling`):
 - `temperature`: task t with probability n_t^(1/T) / sum_s n_s^(1/T) at each step (T5's temperature-scaled mixing,
   Raffel et al. 2020, Sec. 3.5.2), for as many steps as proportional has; a task's batches cycle through reshuffled
   passes over its examples, so a small task may repeat within an epoch and a large one leave some unseen.
+With `train.group_by_length`, each pass over a task's examples is length-grouped as the single-task sampler groups
+them (transformers' `get_length_grouped_indices`), so a batch pads to texts of similar length.
 Each epoch's order is a pure function of (seed, epoch), as the single-task samplers' are, so a resumed run continues
 the same sequence. Evaluation loaders go through each task in order.
 """
@@ -20,7 +22,10 @@ from typing import Iterator, Optional, Sequence
 import datasets
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+from peftlab.data.text import padding_collator, tokenized_lengths
 
 TASK_IDS = "task_ids"
 """The batch key holding each example's task index (its position in the run's task list)."""
@@ -37,11 +42,15 @@ def sampling_shares(sizes: Sequence[int], sampling: str, temperature: float) -> 
 
 
 class TaskBatchSampler:
-    """Batches of indices into the tasks' splits concatenated in task order, each batch from one task."""
+    """Batches of indices into the tasks' splits concatenated in task order, each batch from one task.
+
+    Args:
+        lengths: each task's examples' token lengths, to group by length in training (None: plain shuffles).
+    """
 
     def __init__(self, sizes: Sequence[int], batch_size: int, *, shuffle: bool, sampling: str = "proportional",
-                 temperature: float = 1.0, seed: int = 0):
-        self.sizes, self.batch_size, self.shuffle = list(sizes), batch_size, shuffle
+                 temperature: float = 1.0, seed: int = 0, lengths: Optional[Sequence[Sequence[int]]] = None):
+        self.sizes, self.batch_size, self.shuffle, self.lengths = list(sizes), batch_size, shuffle, lengths
         self.sampling, self.temperature, self.seed, self.epoch = sampling, temperature, seed, 0
         self.offsets = [sum(self.sizes[:t]) for t in range(len(self.sizes))]
         self.batches_per_task = [math.ceil(n / batch_size) for n in self.sizes]
@@ -74,9 +83,12 @@ class TaskBatchSampler:
     def _task_batches(self, task: int, generator: torch.Generator) -> Iterator[list[int]]:
         """Task `task`'s batches over reshuffled passes of its examples, without end (the order stops drawing)."""
         while True:
-            permutation = torch.randperm(self.sizes[task], generator=generator).tolist()
-            for start in range(0, len(permutation), self.batch_size):
-                yield self._indices(task, permutation[start:start + self.batch_size])
+            if self.lengths is None:
+                order = torch.randperm(self.sizes[task], generator=generator).tolist()
+            else:
+                order = get_length_grouped_indices(list(self.lengths[task]), self.batch_size, generator=generator)
+            for start in range(0, len(order), self.batch_size):
+                yield self._indices(task, order[start:start + self.batch_size])
 
     def _indices(self, task: int, positions) -> list[int]:
         return [self.offsets[task] + position for position in positions]
@@ -89,18 +101,22 @@ def tag_with_task(split: datasets.Dataset, task_index: int) -> datasets.Dataset:
 
 def make_task_text_dataloader(splits: Sequence[datasets.Dataset], tokenizer: PreTrainedTokenizerBase,
                               batch_size: int, *, shuffle: bool, sampling: str = "proportional",
-                              temperature: float = 1.0, seed: int = 0,
+                              temperature: float = 1.0, seed: int = 0, group_by_length: bool = False,
                               task_ids: Optional[Sequence[int]] = None) -> DataLoader:
     """Batch the tokenized splits of the tasks (in task order), each batch from one task, padded to its own longest
     text, with `task_ids`.
 
     Args:
         shuffle: training order by `sampling` (see the module docstring); False: each task's examples in order.
+        group_by_length: group each task's batches by length (training only, as `make_text_dataloader`'s).
         task_ids: the task index of each split's examples (default: its position; a run that extends an earlier
             one trains its new tasks, which come after the earlier ones).
     """
     task_ids = list(range(len(splits))) if task_ids is None else list(task_ids)
     tagged = [tag_with_task(split, index) for index, split in zip(task_ids, splits)]
+    if group_by_length and not shuffle:
+        raise ValueError("group_by_length reorders like a shuffle; pass shuffle=True with it (training loaders only)")
+    lengths = [tokenized_lengths(split) for split in splits] if group_by_length else None
     sampler = TaskBatchSampler([len(split) for split in tagged], batch_size, shuffle=shuffle, sampling=sampling,
-                               temperature=temperature, seed=seed)
-    return DataLoader(ConcatDataset(tagged), batch_sampler=sampler, collate_fn=DataCollatorWithPadding(tokenizer))
+                               temperature=temperature, seed=seed, lengths=lengths)
+    return DataLoader(ConcatDataset(tagged), batch_sampler=sampler, collate_fn=padding_collator(tokenizer))

@@ -263,15 +263,24 @@ def make_text_dataloader(tokenized_split: datasets.Dataset, tokenizer: PreTraine
             pad to about their own length; `peftlab.training.evaluate` returns its outputs in the split's order.
         seed: seeds the shuffle or the length grouping; each epoch's order depends only on (seed, epoch).
     """
-    if tokenizer.pad_token is None:
-        raise PeftlabError(f"tokenizer {tokenizer.name_or_path!r} has no pad token, so batches cannot be padded; "
-                           f"set tokenizer.pad_token = tokenizer.eos_token")
-    lengths = [len(ids) for ids in tokenized_split["input_ids"]] if group_by_length else None
+    lengths = tokenized_lengths(tokenized_split) if group_by_length else None
     if group_by_length and shuffle:
         sampler = SeededLengthGroupedSampler(batch_size, lengths, seed)
     elif group_by_length:
         sampler = LengthSortedSampler(lengths)
     else:
         sampler = SeedableRandomSampler(tokenized_split, data_seed=seed) if shuffle else None
-    return DataLoader(tokenized_split, batch_size=batch_size, sampler=sampler,
-                      collate_fn=DataCollatorWithPadding(tokenizer))
+    return DataLoader(tokenized_split, batch_size=batch_size, sampler=sampler, collate_fn=padding_collator(tokenizer))
+
+
+def padding_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorWithPadding:
+    """Pads each batch to its own longest text; a one-line error for a tokenizer without a pad token."""
+    if tokenizer.pad_token is None:
+        raise PeftlabError(f"tokenizer {tokenizer.name_or_path!r} has no pad token, so batches cannot be padded; "
+                           f"set tokenizer.pad_token = tokenizer.eos_token")
+    return DataCollatorWithPadding(tokenizer)
+
+
+def tokenized_lengths(tokenized_split: datasets.Dataset) -> list[int]:
+    """Each example's number of tokens, what length grouping and ordering sort on."""
+    return [len(ids) for ids in tokenized_split["input_ids"]]
