@@ -91,10 +91,14 @@ def label_predictions(probabilities: Callable[[list], torch.Tensor], label_names
     Args:
         probabilities: `inputs -> (N, num_labels)` class probabilities (a run's `.probabilities`).
     """
-    results = []
     rows = probabilities_in_batches(probabilities, inputs, len(label_names), batch_size, progress).tolist()
-    for item, row in zip(inputs, rows):
-        best = max(range(len(row)), key=row.__getitem__)
-        results.append({"input": str(item), "label": label_names[best], "score": round(row[best], 4),
-                        "probabilities": {name: round(p, 6) for name, p in zip(label_names, row)}})
-    return results
+    return [labelled(item, row, label_names) for item, row in zip(inputs, rows)]
+
+
+def labelled(item, row: list[float], label_names: list[str], **after_input) -> dict:
+    """The {"input", "label", "score", "probabilities"} dict of one input from its class probabilities (`row`, one
+    per label name; extra columns past them are ignored), with `after_input`'s keys after "input" (a task)."""
+    row = row[:len(label_names)]
+    best = max(range(len(row)), key=row.__getitem__)
+    return {"input": str(item), **after_input, "label": label_names[best], "score": round(row[best], 4),
+            "probabilities": {name: round(p, 6) for name, p in zip(label_names, row)}}

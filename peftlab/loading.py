@@ -25,7 +25,7 @@ from peftlab.backbones import load_base
 from peftlab.config import load_config
 from peftlab.data.splits import first_line
 from peftlab.errors import PeftlabError
-from peftlab.inputs import Preprocessing, label_predictions, probabilities_in_batches
+from peftlab.inputs import Preprocessing, label_predictions, labelled, probabilities_in_batches
 from peftlab.runs import CONFIG_FILE, MODEL_SUBDIR, MULTITASK_FILE, TASK_FILE
 from peftlab.saving import load_trained
 
@@ -248,13 +248,7 @@ class MultiTaskRun:
         rows = probabilities_in_batches(lambda chunk: self._probabilities_of(chunk),
                                         list(zip(inputs, names)), self.model.peftlab_tasks.width, batch_size,
                                         progress).tolist()
-        results = []
-        for item, name, row in zip(inputs, names, rows):
-            labels = self.task_labels[name]
-            best = max(range(len(labels)), key=row.__getitem__)
-            results.append({"input": str(item), "task": name, "label": labels[best], "score": round(row[best], 4),
-                            "probabilities": {label: round(p, 6) for label, p in zip(labels, row)}})
-        return results
+        return [labelled(item, row, self.task_labels[name], task=name) for item, name, row in zip(inputs, names, rows)]
 
     def _probabilities_of(self, pairs: list[tuple]) -> torch.Tensor:
         return self.probabilities([text for text, _ in pairs], tasks=[name for _, name in pairs])
