@@ -329,6 +329,22 @@ def test_a_task_named_like_a_weight_of_the_model_is_refused_in_one_line(assets, 
     tiny_multitask(assets, names=("sentiment", name), mode="shared")  # one adapter, `default`: no clash
 
 
+def test_several_processes_are_refused_in_one_line(assets):
+    """One task per batch per process would make DDP average gradients of adapters other processes never ran."""
+    from types import SimpleNamespace
+
+    from peftlab.multitask import check_one_process
+
+    model, _ = tiny_multitask(assets)
+    printed = []
+    with pytest.raises(PeftlabError, match=r"multi-task runs train in one process for now \(2 launched\); launch "
+                                           r"with `python`") as info:
+        check_one_process(SimpleNamespace(num_processes=2, print=printed.append), model)
+    assert "\n" not in str(info.value)
+    check_one_process(SimpleNamespace(num_processes=1, print=printed.append), model)
+    assert printed == []  # LoRA does not cache frozen features: nothing to say
+
+
 def test_the_loss_weights_each_example_by_its_task_and_class(assets):
     from peftlab.multitask import task_loss
 
