@@ -136,7 +136,9 @@ class TrainConfig:
     """Evaluate every N optimizer steps; 0 evaluates at the end of each epoch."""
     metric_for_best: str = "auto"
     """Validation metric that picks the best checkpoint, e.g. accuracy or macro_f1. `auto`: macro_f1 when the
-    training labels are imbalanced (the largest class has at least twice the smallest's examples), else accuracy."""
+    training labels are imbalanced (the largest class has at least twice the smallest's examples), else accuracy.
+    Multi-task runs: `auto` is tasks_mean (the mean of each task's own metric); a scalar metric is its mean over
+    the tasks."""
     class_weights: Literal["auto", "none", "inverse", "sqrt_inverse"] = "auto"
     """Per-class weights of the training loss, scaled to a mean of 1 over training examples: `inverse` or
     `sqrt_inverse` class frequency. `auto`: sqrt_inverse when the training labels are imbalanced (as for
