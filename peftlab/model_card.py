@@ -144,7 +144,7 @@ def multitask_card(cfg, kind: str, metrics: dict[str, Any], counts: ParameterCou
          "The shared body is saved at `model/`'s root in its strategy's format and each task's head in "
          "`model/<task>/head.safetensors`; peftlab routes inputs to their task's head."),
         f"Add a task without touching these: `python recipes/multitask_classification.py "
-        f"multitask.extend={folder} multitask.tasks=[{{name: NEW, data: {{name: NEW.csv}}}}] output_dir=NEW_FOLDER`"
+        f"multitask.extend={folder} \"multitask.tasks=[{{name: NEW, data: {{name: NEW.csv}}}}]\" output_dir=NEW_FOLDER`"
         if separate else "",
     ]
     return "\n\n".join(section for section in sections if section) + "\n"

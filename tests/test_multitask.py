@@ -195,6 +195,8 @@ def test_two_tasks_train_in_one_run_and_each_head_sees_only_its_own_batches(asse
     assert [task["batch_share"] for task in saved["tasks"].values()] == [0.5, 0.5]
     card = (tmp_path / "run" / "README.md").read_text()
     assert "| `sentiment` |" in card and "| `topic` |" in card
+    # Its command to add a task pastes into a shell: the YAML list, which holds spaces, is one quoted argument.
+    assert f'multitask.extend={tmp_path / "run"} "multitask.tasks=[{{name: NEW, data: {{name: NEW.csv}}}}]"' in card
     assert (tmp_path / "run" / "test_predictions_topic.csv").read_text().startswith("index,label,prediction,p_money")
 
 
