@@ -80,6 +80,7 @@ def main(cfg: RecipeConfig) -> dict:
                                              task_ids=[tasks.index(task) for task in trained])
     eval_loaders = {split: make_task_text_dataloader([tokenized[task.name][split] for task in trained],
                                                      backbone.tokenizer, cfg.train.eval_batch_size, shuffle=False,
+                                                     group_by_length=cfg.train.group_by_length,
                                                      task_ids=[tasks.index(task) for task in trained])
                     for split in ("validation", "test")}
     phases.lap("data")

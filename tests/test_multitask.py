@@ -269,6 +269,48 @@ def test_evaluation_batches_go_through_each_task_in_order():
     from peftlab.data.tasks import TaskBatchSampler
 
     assert list(TaskBatchSampler([3, 2], 2, shuffle=False)) == [[0, 1], [2], [3, 4]]
+    # By length (train.group_by_length): each task's examples longest first, and the order evaluate puts back.
+    by_length = TaskBatchSampler([3, 2], 2, shuffle=False, lengths=[[1, 5, 3], [2, 9]])
+    assert list(by_length) == [[1, 2], [0], [4, 3]] and by_length.order == [1, 2, 0, 4, 3]
+    assert TaskBatchSampler([3, 2], 2, shuffle=False).order is None
+
+
+def test_evaluation_in_length_order_returns_outputs_in_split_order(assets):
+    """evaluate() on a multi-task loader whose batches go longest first gives what the in-order loader gives."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from accelerate import Accelerator
+
+    from peftlab.data.tasks import make_task_text_dataloader
+    from peftlab.metrics import multitask_scalar_metrics, per_task_metrics
+    from peftlab.training import evaluate
+
+    model, backbone = tiny_multitask(assets)
+    tasks = [SimpleNamespace(name=name, label_names=list(TASK_WORDS[name]), metric="accuracy")
+             for name in ("sentiment", "topic")]
+    splits = [datasets_split(backbone.tokenizer, [text * (1 + i % 3) for i, text in enumerate(TEXTS)], labels)
+              for labels in ([0, 1, 0, 1, 1, 0], [2, 1, 0, 2, 1, 0])]
+
+    def compute(predictions, references, task_ids):
+        return multitask_scalar_metrics(per_task_metrics(predictions, references, task_ids, tasks), tasks)
+
+    accelerator = Accelerator(cpu=True)
+    outputs = [evaluate(model, accelerator.prepare(make_task_text_dataloader(splits, backbone.tokenizer, 4,
+                                                                               shuffle=False, group_by_length=grouped)),
+                        accelerator, compute) for grouped in (False, True)]
+    np.testing.assert_array_equal(outputs[0].task_ids, [0] * 6 + [1] * 6)
+    np.testing.assert_array_equal(outputs[1].task_ids, outputs[0].task_ids)
+    np.testing.assert_array_equal(outputs[1].references, outputs[0].references)
+    np.testing.assert_allclose(outputs[1].probabilities, outputs[0].probabilities, atol=1e-5)
+    assert outputs[1].metrics == pytest.approx(outputs[0].metrics, abs=1e-6)
+
+
+def datasets_split(tokenizer, texts: list[str], labels: list[int]):
+    import datasets
+
+    tokenized = tokenizer(texts, truncation=True, max_length=64)
+    return datasets.Dataset.from_dict({**tokenized, "labels": labels})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -41,13 +41,17 @@ class LengthSortedSampler(Sampler[int]):
 
 def loader_order(loader) -> Optional[list[int]]:
     """The positions in the dataset of what `loader` yields, in the order it yields them, when its sampler is a
-    LengthSortedSampler; None when it reads the dataset in order.
+    LengthSortedSampler (or its batch sampler says, as a multi-task evaluation's does); None when it reads the dataset
+    in order.
 
     Works through accelerate's prepared loaders: on one process the sampler sits in the loader's batch sampler, on
     several inside the sharding batch sampler, which deals whole batches out in turn, so the outputs gathered with
     `gather_for_metrics` come back in the sampler's order.
     """
     batch_sampler = getattr(loader, "batch_sampler", None)
+    own = getattr(batch_sampler, "order", None)  # a batch sampler that orders its batches itself (peftlab.data.tasks)
+    if own is not None:
+        return list(own)
     while batch_sampler is not None and not hasattr(batch_sampler, "sampler"):
         batch_sampler = getattr(batch_sampler, "batch_sampler", None)  # accelerate's BatchSamplerShard wraps one
     sampler = getattr(batch_sampler, "sampler", None) or getattr(loader, "sampler", None)

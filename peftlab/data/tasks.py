@@ -9,7 +9,8 @@ task the next batch comes from is the sampler's choice (`multitask.sampling`):
   Raffel et al. 2020, Sec. 3.5.2), for as many steps as proportional has; a task's batches cycle through reshuffled
   passes over its examples, so a small task may repeat within an epoch and a large one leave some unseen.
 With `train.group_by_length`, each pass over a task's examples is length-grouped as the single-task sampler groups
-them (transformers' `get_length_grouped_indices`), so a batch pads to texts of similar length.
+them (transformers' `get_length_grouped_indices`), so a batch pads to texts of similar length; evaluation takes each
+task's examples longest first (peftlab.data.ordering), and `evaluate` puts the outputs back in order.
 Each epoch's order is a pure function of (seed, epoch), as the single-task samplers' are, so a resumed run continues
 the same sequence. Evaluation loaders go through each task in order.
 """
@@ -25,6 +26,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from transformers import PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from peftlab.data.ordering import longest_first
 from peftlab.data.text import padding_collator, tokenized_lengths
 
 TASK_IDS = "task_ids"
@@ -45,7 +47,8 @@ class TaskBatchSampler:
     """Batches of indices into the tasks' splits concatenated in task order, each batch from one task.
 
     Args:
-        lengths: each task's examples' token lengths, to group by length in training (None: plain shuffles).
+        lengths: each task's examples' token lengths: training groups by length, evaluation goes longest first
+            (None: plain shuffles, and the examples in order).
     """
 
     def __init__(self, sizes: Sequence[int], batch_size: int, *, shuffle: bool, sampling: str = "proportional",
@@ -62,11 +65,23 @@ class TaskBatchSampler:
     def __len__(self) -> int:
         return sum(self.batches_per_task)
 
+    @property
+    def order(self) -> Optional[list[int]]:
+        """Evaluation by length: the dataset positions in the order the batches hold them, which `evaluate` puts
+        back (peftlab.data.ordering.loader_order); None when the examples come in dataset order or shuffled."""
+        if self.shuffle or self.lengths is None:
+            return None
+        return [index for task in range(len(self.sizes)) for index in self._indices(task, self._eval_order(task))]
+
+    def _eval_order(self, task: int) -> Sequence[int]:
+        return range(self.sizes[task]) if self.lengths is None else longest_first(self.lengths[task])
+
     def __iter__(self) -> Iterator[list[int]]:
         if not self.shuffle:
-            for task, size in enumerate(self.sizes):
-                for start in range(0, size, self.batch_size):
-                    yield self._indices(task, range(start, min(start + self.batch_size, size)))
+            for task in range(len(self.sizes)):
+                order = self._eval_order(task)
+                for start in range(0, len(order), self.batch_size):
+                    yield self._indices(task, order[start:start + self.batch_size])
             return
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         if self.sampling == "proportional":
@@ -108,14 +123,13 @@ def make_task_text_dataloader(splits: Sequence[datasets.Dataset], tokenizer: Pre
 
     Args:
         shuffle: training order by `sampling` (see the module docstring); False: each task's examples in order.
-        group_by_length: group each task's batches by length (training only, as `make_text_dataloader`'s).
+        group_by_length: as `make_text_dataloader`'s: training groups each task's batches by length, evaluation takes
+            each task's examples longest first (`evaluate` returns the outputs in order all the same).
         task_ids: the task index of each split's examples (default: its position; a run that extends an earlier
             one trains its new tasks, which come after the earlier ones).
     """
     task_ids = list(range(len(splits))) if task_ids is None else list(task_ids)
     tagged = [tag_with_task(split, index) for index, split in zip(task_ids, splits)]
-    if group_by_length and not shuffle:
-        raise ValueError("group_by_length reorders like a shuffle; pass shuffle=True with it (training loaders only)")
     lengths = [tokenized_lengths(split) for split in splits] if group_by_length else None
     sampler = TaskBatchSampler([len(split) for split in tagged], batch_size, shuffle=shuffle, sampling=sampling,
                                temperature=temperature, seed=seed, lengths=lengths)
