@@ -25,7 +25,7 @@ from peftlab.config import RecipeConfig
 from peftlab.data import load_data, tokenize_dataset
 from peftlab.data.tasks import make_task_text_dataloader
 from peftlab.learning_rates import rate_groups
-from peftlab.metrics import multitask_scalar_metrics, per_task_metrics
+from peftlab.metrics import TASKS_MEAN, multitask_scalar_metrics, per_task_metrics
 from peftlab.multitask import build_multitask_model, check_one_process, resolve_task_rules, tasks_to_train
 from peftlab.phases import PhaseTimer
 from peftlab.runs import check_before_loading, prepare_output_dir, save_multitask_run, score_test
@@ -56,7 +56,7 @@ def main(cfg: RecipeConfig) -> dict:
         rules[task_cfg.name] = resolve_task_rules(cfg, task_cfg, data[task_cfg.name], model=model,
                                                   tokenizer=backbone.tokenizer, length_limit=position_limit(backbone))
     if cfg.train.metric_for_best == "auto":
-        cfg.train.metric_for_best = "tasks_mean"  # the mean of each task's own metric picks the best checkpoint
+        cfg.train.metric_for_best = TASKS_MEAN  # the mean of each task's own metric picks the best checkpoint
     counts = count_parameters(model)
     rate_groups(model, cfg.train)
 
@@ -72,16 +72,15 @@ def main(cfg: RecipeConfig) -> dict:
     with accelerator.main_process_first():
         tokenized = {task.name: tokenize_dataset(data[task.name].splits, backbone.tokenizer, task.data.max_length)
                      for task in cfg.multitask.tasks}
-    trained = [task for task in tasks if not task.frozen]
-    loader_options = dict(sampling=cfg.multitask.sampling, temperature=cfg.multitask.temperature, seed=cfg.train.seed)
+    trained = [task for task in tasks if not task.frozen]  # an extended run's earlier tasks neither train nor evaluate
+    trained_ids = [tasks.index(task) for task in trained]
     train_loader = make_task_text_dataloader([tokenized[task.name]["train"] for task in trained], backbone.tokenizer,
-                                             cfg.train.batch_size, shuffle=True, **loader_options,
-                                             group_by_length=cfg.train.group_by_length,
-                                             task_ids=[tasks.index(task) for task in trained])
+                                             cfg.train.batch_size, shuffle=True, sampling=cfg.multitask.sampling,
+                                             temperature=cfg.multitask.temperature, seed=cfg.train.seed,
+                                             group_by_length=cfg.train.group_by_length, task_ids=trained_ids)
     eval_loaders = {split: make_task_text_dataloader([tokenized[task.name][split] for task in trained],
                                                      backbone.tokenizer, cfg.train.eval_batch_size, shuffle=False,
-                                                     group_by_length=cfg.train.group_by_length,
-                                                     task_ids=[tasks.index(task) for task in trained])
+                                                     group_by_length=cfg.train.group_by_length, task_ids=trained_ids)
                     for split in ("validation", "test")}
     phases.lap("data")
 
