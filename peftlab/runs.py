@@ -76,19 +76,31 @@ def prepare_output_dir(cfg: RecipeConfig, accelerator=None) -> Path:
     Accelerator: a bare `PartialState()` made here, before the Accelerator, would set up single-process state
     and turn a multi-process CPU launch into independent copies of the run. Without an Accelerator (a script that
     trains through another library, e.g. the Trainer baseline) the process is taken as the only one.
-    """
-    from accelerate.utils import broadcast_object_list
 
-    problem = [None]
+    Every process must see the main process's folder: each writes its RNG state into the checkpoints and loads the
+    best weights back from them, so machines of a multi-machine run need `output_dir` on storage they share.
+    """
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    shared = [None, None]  # the main process's error, or its marker as it wrote it
     if accelerator is None or accelerator.is_main_process:
         try:
             run_folder.open_run_folder(check_output_dir(cfg))  # checked again: the folder may have changed since
+            shared[1] = run_folder.read_marker(cfg.output_dir)
         except PeftlabError as err:
-            problem = [str(err)]
+            shared[0] = str(err)
     if accelerator is not None and accelerator.num_processes > 1:
-        broadcast_object_list(problem)  # the other ranks stop with the main process's message
-    if problem[0] is not None:
-        raise PeftlabError(problem[0])
+        broadcast_object_list(shared)  # the other ranks stop with the main process's message
+    if shared[0] is not None:
+        raise PeftlabError(shared[0])
+    if accelerator is not None and accelerator.num_processes > 1:
+        sees = run_folder.read_marker(cfg.output_dir) == shared[1]
+        blind = [rank for rank, ok in enumerate(gather_object([sees])) if not ok]
+        if blind:  # every process raises, or the main one would wait for the others in its first collective
+            raise PeftlabError(
+                f"output_dir {cfg.output_dir} is another folder on process {', '.join(map(str, blind))} than on "
+                "the main process (each machine's own disk?): put output_dir on storage every machine shares, e.g. "
+                "an NFS mount at the same path on each")
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return Path(cfg.output_dir)
@@ -145,6 +157,7 @@ def training_record(result, phases: PhaseTimer) -> dict[str, Any]:
             "train_time_s": result.train_time_s, "samples_per_s": result.samples_per_s,
             "peak_memory_mb": result.peak_memory_mb, "phases_s": phases.as_dict(), "throughput": result.throughput,
             "param_groups": result.param_groups,
+            "num_processes": result.num_processes,  # over all machines: the run's world size
             "cpu_threads": torch.get_num_threads()}  # per process, as build_accelerator set it
 
 

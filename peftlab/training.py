@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import copy
 import math
+import os
 import re
 import resource
 import signal
@@ -88,6 +89,8 @@ class TrainResult:
     throughput: dict = field(default_factory=dict)
     """Tokens the training steps processed (real and padded), per second of training steps, and model FLOPs where
     their rule holds (peftlab.throughput.throughput_record)."""
+    num_processes: int = 1
+    """Processes the run trained on, over all machines (its world size)."""
 
 
 @dataclass(frozen=True)
@@ -190,10 +193,30 @@ def build_accelerator(train_cfg, output_dir) -> Accelerator:
         # Shuffle order = f(seed + epoch), the same on every process and after a resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg.seed),
     )
+    check_launch_world_size(accelerator.num_processes)
     # After the Accelerator: on multi-process CPU without OMP_NUM_THREADS it sets a thread count of its own.
     threads = set_cpu_threads(train_cfg.cpu_threads)
     accelerator.print(f"cpu threads: {threads.threads} per process ({threads.reason})")
     return accelerator
+
+
+# What torch elastic (accelerate launch, torchrun) and the MPI launchers accelerate reads call the run's process count.
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_launch_world_size(num_processes: int) -> None:
+    """Refuse a process that was launched as one of N but set up alone: it would train a copy of the run by itself.
+
+    accelerate's process state is a singleton made once: a bare `PartialState()` (or any accelerate call that makes
+    one) before the Accelerator, on a machine without a GPU and without `cpu=True`, sets it up without a process
+    group, and every process of a `--multi_gpu` CPU launch, one machine or many, then runs the whole run alone.
+    """
+    launched = next((int(os.environ[name]) for name in WORLD_SIZE_VARS if os.environ.get(name, "").isdigit()), 1)
+    if launched > num_processes:
+        raise PeftlabError(
+            f"this process was launched as one of {launched} (WORLD_SIZE) but accelerate set it up as one of "
+            f"{num_processes}: its process state was made before the Accelerator without cpu=True; create nothing "
+            "from accelerate before build_accelerator (or pass cpu=True on a machine without a GPU)")
 
 
 def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:
@@ -446,6 +469,7 @@ def train(
         throughput=throughput_record(accelerator.unwrap_model(model), tokens=progress.tokens,
                                      padded_tokens=progress.padded_tokens, attention_pairs=progress.attention_pairs,
                                      step_time_s=progress.step_time_s),
+        num_processes=accelerator.num_processes,
     )
 
 
