@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from accelerate.utils import set_seed
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -29,7 +28,7 @@ from peftlab.heads import find_head
 from peftlab.metrics import compute_classification_metrics, scalar_metrics
 from peftlab.phases import PhaseTimer
 from peftlab.runs import prepare_output_dir, write_metrics
-from peftlab.training import peak_memory_mb
+from peftlab.training import cuda_in_use, peak_memory_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = {"text": ROOT / "recipes" / "configs" / "minilm_lora_rotten_tomatoes.yaml",
@@ -71,7 +70,7 @@ def main(cfg: RecipeConfig, task: str) -> dict:
         warmup_steps=cfg.train.warmup_ratio, weight_decay=cfg.train.weight_decay, lr_scheduler_type=cfg.train.scheduler,
         max_grad_norm=cfg.train.max_grad_norm or 0.0, eval_strategy="epoch", save_strategy="epoch",
         load_best_model_at_end=True, metric_for_best_model=cfg.train.metric_for_best, save_total_limit=1,
-        save_only_model=True, report_to="none", seed=cfg.train.seed, use_cpu=True, disable_tqdm=True,
+        save_only_model=True, report_to="none", seed=cfg.train.seed, use_cpu=not cuda_in_use(), disable_tqdm=True,
         remove_unused_columns=False, label_names=["labels"], logging_steps=cfg.train.log_every or 10)
     timer = PhaseCallback()
     trainer = Trainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=eval_set,
@@ -96,7 +95,7 @@ def main(cfg: RecipeConfig, task: str) -> dict:
         "test": test, "best_step": _step_of(trainer.state.best_model_checkpoint), "global_step": state.global_step,
         "stopped_early": False, "train_time_s": train_time,
         "samples_per_s": trainer.state.epoch * len(train_set) / steps_s,  # epoch: fractional under max_steps
-        "peak_memory_mb": peak_memory_mb(torch.device("cpu")), "phases_s": phases.as_dict()}
+        "peak_memory_mb": peak_memory_mb(arguments.device), "phases_s": phases.as_dict()}
     metrics = write_metrics(output_dir, cfg, metrics, counts)
     run_folder.close_run_folder(output_dir, run_folder.FINISHED)
     print(f"test accuracy {test['accuracy']:.4f} ({train_time:.0f} s in trainer.train())")

@@ -73,6 +73,12 @@ class Progress:
     batches_per_epoch: int | None = None
 
 
+def plain_module(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model without what `accelerator.prepare` wrapped around it: DDP and the `torch.compile` wrapper (whose
+    state_dict names start with `_orig_mod.`; accelerate's unwrap_model keeps it unless told not to)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
     """The folder that holds a run's `step-<N>` checkpoints."""
     return Path(output_dir) / CHECKPOINTS_DIR
@@ -98,7 +104,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, progress: Progress
     try:
         _save_torch(get_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
         if accelerator.is_main_process:
-            weights = trainable_state_dict(accelerator.unwrap_model(model))
+            weights = trainable_state_dict(plain_module(accelerator, model))
             save_file(weights, tmp / WEIGHTS_FILE, metadata={"format": "pt", "global_step": str(progress.global_step)})
             _fsync(tmp / WEIGHTS_FILE)
             _save_torch(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
@@ -165,7 +171,7 @@ def load_checkpoint(path: str | os.PathLike, accelerator, model, optimizer, sche
     """
     path = Path(path)
     progress = read_progress(path)
-    load_trainable_weights(accelerator.unwrap_model(model), path)
+    load_trainable_weights(plain_module(accelerator, model), path)
     saved = load_state(path / OPTIMIZER_FILE)
     try:  # the saved rates (train.lr, head_lr, ...) win, as the scheduler's state would anyway
         optimizer.load_state_dict(saved)

@@ -126,6 +126,11 @@ class TrainConfig:
     """Clip the gradient norm to this value; null disables clipping."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """`auto`: bf16 where the CPU or GPU supports it, else fp32."""
+    compile: bool = False
+    """Train the model through torch.compile (accelerate's TorchDynamoPlugin; inductor, or the backend `accelerate
+    launch --dynamo_backend` names): the first steps, and the first of each new batch shape, pay for compiling.
+    Saved weights, checkpoints and exports are the plain module's. false leaves it to `accelerate launch
+    --dynamo_backend` (default no)."""
     cpu_threads: Optional[int] = None
     """Intra-op CPU threads per process; null: all physical cores of the process's share of the machine (cores /
     local processes), or OMP_NUM_THREADS when you set it. On a machine shared with other busy jobs, 1 can be far

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 
 from peftlab import run_folder
+from peftlab.checkpointing import plain_module
 from peftlab.backbones import TorchImageClassifier, portable_name
 from peftlab.config import RecipeConfig, save_config
 from peftlab.data_rules import DataRules
@@ -51,11 +52,11 @@ def check_output_dir(cfg: RecipeConfig) -> FolderState:
 
 
 def check_before_loading(cfg: RecipeConfig, multitask: bool = False) -> None:
-    """Everything about a run that can be rejected in milliseconds: output folder, precision, trackers, metric, and
-    whether the recipe trains a task list (`multitask`: recipes/multitask_classification.py) or one task."""
+    """Everything about a run that can be rejected in milliseconds: output folder, precision, compiler, trackers,
+    metric, and whether the recipe trains a task list (`multitask`: recipes/multitask_classification.py) or one task."""
     from peftlab.metrics import check_metric_for_best
     from peftlab.tracking import build_trackers
-    from peftlab.training import resolve_mixed_precision
+    from peftlab.training import check_compile, resolve_mixed_precision
 
     if bool(cfg.multitask.tasks) != multitask:
         raise PeftlabError("this recipe trains one task on `data`, and multitask.tasks lists several; run "
@@ -65,6 +66,7 @@ def check_before_loading(cfg: RecipeConfig, multitask: bool = False) -> None:
     if os.environ.get("RANK", "0") == "0":  # other ranks: the main process decides in prepare_output_dir and tells them
         check_output_dir(cfg)
     resolve_mixed_precision(cfg.train.mixed_precision)
+    check_compile(cfg.train.compile)
     build_trackers(cfg.train.trackers, cfg.output_dir)  # side-effect free: trackers start later
     check_metric_for_best(cfg.train.metric_for_best, multitask)
 
@@ -138,7 +140,7 @@ def save_run(cfg: RecipeConfig, task: str, *, accelerator, model, result, test, 
     accelerator.print(f"test accuracy {test_metrics['accuracy']:.4f}, macro-F1 {test_metrics['macro_f1']:.4f} "
                       f"({result.train_time_s:.0f} s, {result.samples_per_s:.1f} samples/s)")
     if accelerator.is_main_process:
-        write_run_outputs(output_dir, cfg, task, accelerator.unwrap_model(model), preprocessor, metrics, counts,
+        write_run_outputs(output_dir, cfg, task, plain_module(accelerator, model), preprocessor, metrics, counts,
                           label_names)
         for split, outputs in (("validation", result.best_evaluation), ("test", test)):
             if outputs is not None:
@@ -183,7 +185,7 @@ def save_multitask_run(cfg: RecipeConfig, kind: str, *, accelerator, model, resu
     per_task_test = per_task_metrics(test.predictions, test.references, test.task_ids, tasks)
     shares = dict(zip(train_examples, sampling_shares(list(train_examples.values()), cfg.multitask.sampling,
                                                       cfg.multitask.temperature)))
-    own = task_parameter_counts(accelerator.unwrap_model(model))
+    own = task_parameter_counts(plain_module(accelerator, model))
     metrics = {"validation": result.best_metrics, "test": multitask_scalar_metrics(per_task_test, tasks),
                **training_record(result, phases)}
     metrics["tasks"] = {}
@@ -203,7 +205,7 @@ def save_multitask_run(cfg: RecipeConfig, kind: str, *, accelerator, model, resu
     accelerator.print("test " + ", ".join(f"{name} accuracy {results['accuracy']:.4f}"
                                           for name, results in per_task_test.items()) + f" ({result.train_time_s:.0f} s)")
     if accelerator.is_main_process:
-        write_multitask_outputs(output_dir, cfg, kind, accelerator.unwrap_model(model), preprocessor, metrics,
+        write_multitask_outputs(output_dir, cfg, kind, plain_module(accelerator, model), preprocessor, metrics,
                                 counts, tasks)
         for split, outputs in (("validation", result.best_evaluation), ("test", test)):
             for index, task in enumerate(tasks if outputs is not None else []):

@@ -20,7 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DynamoBackend,
+    TorchDynamoPlugin,
+    parse_flag_from_env,
+    set_seed,
+)
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -30,6 +36,7 @@ from peftlab.checkpointing import (
     load_checkpoint,
     load_rng_state,
     load_trainable_weights,
+    plain_module,
     read_progress,
     rewrite_progress,
     resolve_checkpoint,
@@ -152,7 +159,7 @@ def forget_accelerator_state() -> None:
 
 def resolve_mixed_precision(choice: str) -> str:
     """Turn `train.mixed_precision` into accelerate's value: `auto` is bf16 where the hardware has it, else `no`."""
-    on_cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+    on_cuda = cuda_in_use()
     if choice == "fp16" and not on_cuda:
         raise PeftlabError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or auto on CPU")
     if choice != "auto":
@@ -160,6 +167,11 @@ def resolve_mixed_precision(choice: str) -> str:
     if on_cuda:
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
     return "bf16" if _cpu_has_bf16() else "no"
+
+
+def cuda_in_use() -> bool:
+    """Whether runs here train on a CUDA GPU: there is one and `ACCELERATE_USE_CPU` does not say otherwise."""
+    return torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
 
 
 def _cpu_has_bf16() -> bool:
@@ -192,12 +204,48 @@ def build_accelerator(train_cfg, output_dir) -> Accelerator:
         project_dir=str(output_dir),
         # Shuffle order = f(seed + epoch), the same on every process and after a resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg.seed),
+        dynamo_plugin=compile_plugin(train_cfg.compile),
     )
     check_launch_world_size(accelerator.num_processes)
     # After the Accelerator: on multi-process CPU without OMP_NUM_THREADS it sets a thread count of its own.
     threads = set_cpu_threads(train_cfg.cpu_threads)
     accelerator.print(f"cpu threads: {threads.threads} per process ({threads.reason})")
     return accelerator
+
+
+def compile_plugin(compile_model: bool) -> TorchDynamoPlugin | None:
+    """accelerate's torch.compile settings for `train.compile`: the backend `accelerate launch --dynamo_backend` names,
+    else inductor; None (compile off) leaves the launch's settings to accelerate.
+
+    prepare() then wraps the model in torch.compile; weights, checkpoints and exports are written from
+    `peftlab.checkpointing.plain_module`, which takes the wrapper (and its `_orig_mod.` names) off."""
+    if not compile_model:
+        return None
+    launched = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no")
+    return TorchDynamoPlugin(backend="inductor" if launched.lower() == "no" else launched)
+
+
+def check_compile(compile_model: bool) -> None:
+    """Refuse, in one line, `train.compile=true` where inductor cannot build its kernels: a C++ compiler for CPU
+    kernels, triton for CUDA ones (found in milliseconds here; at the first step it would fail after loading)."""
+    plugin = compile_plugin(compile_model)
+    if plugin is None or plugin.backend != DynamoBackend.INDUCTOR:
+        return
+    if cuda_in_use():
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise PeftlabError("train.compile=true builds its CUDA kernels with triton, which is not installed; "
+                               "pip install triton or set train.compile=false")
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        raise PeftlabError("train.compile=true builds its CPU kernels with a C++ compiler and found none (g++, or "
+                           "the one $CXX names); install g++ or set train.compile=false") from None
 
 
 # What torch elastic (accelerate launch, torchrun) and the MPI launchers accelerate reads call the run's process count.
@@ -353,7 +401,7 @@ def train(
     best_evaluation = None
     samples, evaluation_s, checkpointing_s, window, micro_losses = 0, 0.0, 0.0, [], []
     tokens = TokenCounter()  # this part's, on this process; added to `previous` at each checkpoint
-    after_step = after_step_hook(accelerator.unwrap_model(model))  # the strategy's own, e.g. AdaLoRA rank allocation
+    after_step = after_step_hook(plain_module(accelerator, model))  # the strategy's own, e.g. AdaLoRA rank allocation
     with StopSignal(accelerator) as stop_signal:  # SIGTERM/Ctrl-C: checkpoint at the next step, then stop
         model.train()
         while not stop:
@@ -448,7 +496,7 @@ def train(
 
     best = step_dir(output_dir, progress.best_step) if progress.best_step is not None else None
     if best is not None:
-        load_trainable_weights(accelerator.unwrap_model(model), best)
+        load_trainable_weights(plain_module(accelerator, model), best)
         if best_evaluation is None:  # resumed after its best evaluation: what those weights predict was not kept
             best_evaluation = evaluate(model, eval_loader, accelerator, compute_metrics)
     best_metrics = next((h for h in progress.history if h["step"] == progress.best_step), {})
@@ -466,7 +514,7 @@ def train(
                   "checkpointing": progress.checkpointing_s},
         param_groups=param_groups,
         best_evaluation=best_evaluation,
-        throughput=throughput_record(accelerator.unwrap_model(model), tokens=progress.tokens,
+        throughput=throughput_record(plain_module(accelerator, model), tokens=progress.tokens,
                                      padded_tokens=progress.padded_tokens, attention_pairs=progress.attention_pairs,
                                      step_time_s=progress.step_time_s),
         num_processes=accelerator.num_processes,

@@ -166,3 +166,19 @@ def test_quantized_parameter_count_matches_full_precision(bits):
     full, quantized = lora_count(None), lora_count(bits)
     # bitsandbytes packs two 4-bit values per byte; the count must still be of logical weights.
     assert quantized.total == full.total and quantized.trainable == full.trainable
+
+
+@pytest.mark.slow  # inductor generates and compiles C++ for the forward, backward and evaluation graphs: minutes here
+def test_compiled_run_trains_like_eager_and_loads(tmp_path):
+    import peftlab
+    from peftlab.tracking import read_log
+
+    exact = ["model.dropout=0", "strategy_options.lora.dropout=0"]  # inductor draws its own dropout masks
+    eager, eager_run = run_main(tmp_path / "eager", *exact)
+    compiled, compiled_run = run_main(tmp_path / "compiled", *exact, "train.compile=true")
+    losses = [[r["train/loss"] for r in read_log(run) if "train/loss" in r] for run in (compiled_run, eager_run)]
+    assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], abs=1e-4)
+    assert compiled["validation"]["loss"] == pytest.approx(eager["validation"]["loss"], abs=1e-4)
+    texts = ["a warm, funny and moving film", "tedious and far too long"]
+    torch.testing.assert_close(peftlab.load(compiled_run).probabilities(texts),
+                               peftlab.load(eager_run).probabilities(texts), atol=1e-4, rtol=0)

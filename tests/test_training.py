@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import safetensors.torch
 import pytest
 import torch
 
@@ -245,3 +246,34 @@ def test_optimizer_skips_decay_on_biases_and_norms_and_frozen_params():
     assert all(p.requires_grad for group in adamw.param_groups for p in group["params"])
     sgd = build_optimizer(model, tiny_config(optimizer="sgd", momentum=0.8))
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8
+
+
+def test_compiled_training_follows_eager_and_saves_the_plain_module(tmp_path, monkeypatch):
+    # aot_eager, as `accelerate launch --dynamo_backend aot_eager` names it: dynamo's graphs and AOTAutograd's joint
+    # forward-backward, without inductor's code generation (minutes of C++ compiling on a small CPU; inductor itself
+    # trains the text recipe in test_text_recipe.py's slow test).
+    eager, _, _ = run(tmp_path / "eager", tiny_config(epochs=1), dropout=0.0)
+    reset_accelerate()
+    torch._dynamo.reset()
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "AOT_EAGER")
+    compiled, model, _ = run(tmp_path / "compiled", tiny_config(epochs=1, compile=True), dropout=0.0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did run through dynamo
+    assert list(train_losses(tmp_path / "compiled").values()) == pytest.approx(
+        list(train_losses(tmp_path / "eager").values()), abs=1e-5)
+    assert compiled.best_metrics == pytest.approx(eager.best_metrics, abs=1e-5)
+    # The checkpoint holds the plain module's names, so a resume or `peftlab.load` of an eager build finds them.
+    saved = safetensors.torch.load_file(latest_checkpoint(tmp_path / "compiled") / "trainable.safetensors")
+    assert saved and not [name for name in saved if "_orig_mod" in name]
+    assert set(saved) == {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_compile_without_a_cpp_compiler_is_refused_in_one_line(monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++",))  # what a machine without g++ finds
+    with pytest.raises(PeftlabError, match=r"^train.compile=true builds its CPU kernels with a C\+\+ compiler and "
+                                           r"found none .*; install g\+\+ or set train.compile=false$"):
+        training.check_compile(True)
+    training.check_compile(False)  # off: nothing to build
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "AOT_EAGER")
+    training.check_compile(True)  # a backend without generated code needs no compiler
