@@ -105,13 +105,13 @@ def report_rows(records: list[dict]) -> list[dict]:
         device = record["environment"]["device"]
         run_dir = REPO_ROOT / record["run_dir"]
         cfg = load_config(str(run_dir / "config.yaml"))
-        if not isinstance(cfg.data.max_length, int):  # `auto`: the length the run resolved
+        task = "image" if "image" in record["program"] else "text"  # image_classification, trainer_image
+        if task == "text" and not isinstance(cfg.data.max_length, int):  # `auto`: the length the run resolved
             rules = json.loads((run_dir / "metrics.json").read_text()).get("data_rules") or {}
             if "max_length" not in rules:
                 raise PeftlabError(f"{run_dir}: data.max_length=auto and metrics.json holds no resolved length; "
                                    "set data.max_length in the grid")
             cfg.data.max_length = rules["max_length"]
-        task = "image" if record["grid"].startswith("gpu_vision") else "text"
         trainer_side = record["kind"] == "job" and record["program"].startswith("trainer")
         flops, size = training_flops_per_sample(cfg, task, trainer_side)
         model_flops = record["samples_per_s"] * flops
