@@ -11,9 +11,10 @@
 # grids/gpu_text.yaml (LoRA and full fine-tuning against the Trainer baseline, full fp32 against bf16, LoRA on 8-bit
 # against 4-bit frozen weights) and grids/gpu_vision.yaml (EfficientNet-Lite0 LoRA and full against the Trainer)
 # through the harness, one subprocess and one JSON record per run; (4) benchmarks/gpu_check.py writes
-# OUT/gpu_check.json and OUT/gpu_check.md (samples/s, peak GPU memory from torch.cuda.max_memory_allocated, model
-# TFLOP/s and the fraction of the GPU's dense bf16 peak: H100 SXM 989, H200 989, A100 312 TFLOP/s, else unknown) and
-# the harness's pair tables (b/a) go beside the records; OUT/records.tar.gz holds the records and run logs.
+# OUT/gpu_check.json and OUT/gpu_check.md from the records (samples/s, peak GPU memory from
+# torch.cuda.max_memory_allocated, tokens/s, and where the engine records model FLOPs (full fine-tuning) the fraction
+# of the GPU's dense bf16 peak: H100 SXM 989, H200 989, A100 312 TFLOP/s, else unknown), the harness's pair tables
+# (b/a) go beside the records, and OUT/records.tar.gz holds the records and run logs.
 # Nothing is downloaded at run time: the backbones and data are the packaged ones (HF_HUB_OFFLINE=1).
 #
 # The device machine this workplace lends (an H200; /work/.library/device/README.md and KINDS.md) has its own
@@ -28,7 +29,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-OUT=runs/gpu_check/out RUNS=runs/gpu_check/runs MODE=cuda DRY_RUN=0 TIMEOUT=300 ONLY=()
+OUT=runs/gpu_check/out RUNS=runs/gpu_check/runs MODE=cuda DRY_RUN=0 TIMEOUT=300 ONLY=()  # ONLY: patterns
 usage="usage: bash benchmarks/gpu_check.sh [--out DIR] [--runs DIR] [--cpu] [--dry-run] [--only PATTERN]... [--timeout S]"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -36,9 +37,9 @@ while [ $# -gt 0 ]; do
         --runs) RUNS=${2:?$usage}; shift 2 ;;
         --cpu) MODE=cpu; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
-        --only) ONLY+=(--only "${2:?$usage}"); shift 2 ;;
+        --only) ONLY+=("${2:?$usage}"); shift 2 ;;
         --timeout) TIMEOUT=${2:?$usage}; shift 2 ;;
-        -h|--help) echo "$usage"; sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) echo "$usage"; sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "error: unknown argument $1; $usage" >&2; exit 2 ;;
     esac
 done
@@ -103,18 +104,34 @@ if [ "$MODE" = cuda ] && [ "$DRY_RUN" = 0 ]; then
 fi
 
 # (3) The grids: one subprocess and one record per run; a failed run is recorded and the others go on.
-status=0
+matching() {  # whether a --only pattern names a run of grid $1 (the harness refuses patterns that name none)
+    [ ${#ONLY[@]} -eq 0 ] || "$PYTHON" - "benchmarks/grids/$1.yaml" "${ONLY[@]}" <<'PY'
+import fnmatch
+import sys
+
+from peftlab.harness.grid import load_grid
+
+cells = [cell.id for cell in load_grid(sys.argv[1]).cells()]
+sys.exit(0 if any(fnmatch.fnmatch(cell, pattern) for cell in cells for pattern in sys.argv[2:]) else 1)
+PY
+}
+status=0 grids_run=() only_args=()
+for pattern in ${ONLY[@]+"${ONLY[@]}"}; do only_args+=(--only "$pattern"); done
 for grid in "${GRIDS[@]}"; do
+    if ! matching "$grid"; then
+        step "grid $grid: no run matches --only ${ONLY[*]}; skipped"
+        continue
+    fi
     step "grid $grid"
+    grids_run+=("$grid")
     run "$PYTHON" benchmarks/run.py "benchmarks/grids/$grid.yaml" --results "$OUT/records/$grid" --runs "$RUNS/$grid" \
-        --timeout "$TIMEOUT" ${ONLY[@]+"${ONLY[@]}"} || status=1
+        --timeout "$TIMEOUT" ${only_args[@]+"${only_args[@]}"} || status=1
 done
 
 # (4) The report: gpu_check.json/.md, the pair tables beside the records, the records and logs in one archive.
 step "report"
 run "$PYTHON" benchmarks/gpu_check.py "$OUT" || status=1
-for grid in "${GRIDS[@]}"; do
-    [ "$DRY_RUN" = 1 ] || [ -n "$(ls "$OUT/records/$grid" 2>/dev/null)" ] || continue
+for grid in ${grids_run[@]+"${grids_run[@]}"}; do
     run "$PYTHON" benchmarks/report.py "$OUT/records/$grid" || status=1
 done
 logs=$(cd "$RUNS" 2>/dev/null && find . -mindepth 2 -maxdepth 2 -name '*.log' | sort || true)  # cell ids: no spaces

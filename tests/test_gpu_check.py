@@ -51,11 +51,13 @@ def test_dry_run_lists_every_step_and_runs_nothing(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
 
 
-def test_cpu_mode_runs_the_smoke_grids():
+def test_cpu_mode_runs_the_smoke_grids_that_only_names():
     done = gpu_check("--dry-run", "--cpu", "--only", "*lora-4bit*")
     assert done.returncode == 0, done.stderr
-    assert "gpu_text_smoke.yaml" in done.stdout and "gpu_vision_smoke.yaml" in done.stdout
-    assert "--only *lora-4bit*" in done.stdout
+    assert "benchmarks/grids/gpu_text_smoke.yaml" in done.stdout and "--only *lora-4bit*" in done.stdout
+    # The vision grid has no 4-bit run, and the harness refuses a pattern that names no run: it is left out.
+    assert "== grid gpu_vision_smoke: no run matches --only *lora-4bit*; skipped" in done.stdout
+    assert "gpu_vision_smoke.yaml" not in done.stdout
 
 
 def test_without_a_gpu_the_cuda_check_stops_in_one_line(tmp_path):
@@ -89,13 +91,13 @@ def test_cpu_run_writes_the_records_and_the_report(tmp_path):
                          "lite0__animal_mnist__full-recipe__seed42"}
     for row in runs.values():
         assert row["status"] == "ok" and row["samples_per_s"] > 0 and row["peak_memory_mb"] > 0
-        assert row["training_flops_per_sample"] > 0 and row["model_tflops_per_s"] > 0
         assert row["fraction_of_bf16_peak"] is None  # a CPU has no entry in the GPU table
     assert runs["minilm__rotten_tomatoes__lora-4bit__seed42"]["quantization"] == "4bit"
-    # Full fine-tuning counts 3 forwards per sample, LoRA 2, at the same text length (32: every text reaches it).
-    text_full, text_lora = (runs[f"minilm__rotten_tomatoes__{s}__seed42"] for s in ("full-recipe", "lora-4bit"))
-    assert text_full["training_flops_per_sample"] == pytest.approx(1.5 * text_lora["training_flops_per_sample"])
-    assert runs["lite0__animal_mnist__full-recipe__seed42"]["counted_at"] == 32  # data.image_size
+    # Model FLOPs come from the engine's record, where its rule holds: full fine-tuning of the text model only.
+    assert runs["minilm__rotten_tomatoes__full-recipe__seed42"]["model_tflops_per_s"] > 0
+    assert runs["minilm__rotten_tomatoes__lora-4bit__seed42"]["model_tflops_per_s"] is None
+    assert runs["minilm__rotten_tomatoes__lora-4bit__seed42"]["padded_tokens_per_s"] > 0
+    assert runs["lite0__animal_mnist__full-recipe__seed42"]["padded_tokens_per_s"] is None  # images: no tokens
     assert "| minilm__rotten_tomatoes__lora-4bit__seed42 |" in (out / "gpu_check.md").read_text()
     with tarfile.open(out / "records.tar.gz") as archive:
         names = archive.getnames()
