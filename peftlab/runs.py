@@ -25,8 +25,8 @@ from typing import Any, Optional
 import torch
 
 from peftlab import run_folder
-from peftlab.checkpointing import plain_module
 from peftlab.backbones import TorchImageClassifier, portable_name
+from peftlab.checkpointing import plain_module
 from peftlab.config import RecipeConfig, save_config
 from peftlab.data_rules import DataRules
 from peftlab.errors import PeftlabError

@@ -259,10 +259,11 @@ def check_launch_world_size(num_processes: int) -> None:
     one) before the Accelerator, on a machine without a GPU and without `cpu=True`, sets it up without a process
     group, and every process of a `--multi_gpu` CPU launch, one machine or many, then runs the whole run alone.
     """
-    launched = next((int(os.environ[name]) for name in WORLD_SIZE_VARS if os.environ.get(name, "").isdigit()), 1)
+    name, launched = next(((name, int(os.environ[name])) for name in WORLD_SIZE_VARS
+                           if os.environ.get(name, "").isdigit()), (None, 1))
     if launched > num_processes:
         raise PeftlabError(
-            f"this process was launched as one of {launched} (WORLD_SIZE) but accelerate set it up as one of "
+            f"this process was launched as one of {launched} ({name}) but accelerate set it up as one of "
             f"{num_processes}: its process state was made before the Accelerator without cpu=True; create nothing "
             "from accelerate before build_accelerator (or pass cpu=True on a machine without a GPU)")
 
