@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -62,7 +62,8 @@ class Preprocessing:
 
 
 def probabilities_in_batches(probabilities: Callable[[list], torch.Tensor], inputs: list, num_labels: int,
-                             batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+                             batch_size: int = 64, progress: bool = False,
+                             lengths: Optional[Sequence[int]] = None) -> torch.Tensor:
     """`probabilities(inputs)` computed `batch_size` inputs at a time, (N, num_labels) in the order of `inputs`, with a
     progress bar on stderr when `progress` and there is more than one batch.
 
@@ -72,11 +73,14 @@ def probabilities_in_batches(probabilities: Callable[[list], torch.Tensor], inpu
 
     Args:
         probabilities: `inputs -> (N, num_labels)` class probabilities (a run's `.probabilities`).
+        lengths: each input's length to order by, for inputs that are not plain texts (a multi-task run's
+            (text, task) pairs); default: the characters of text inputs, and input order for anything else.
     """
     from tqdm.auto import tqdm
 
-    texts = all(isinstance(item, str) for item in inputs)
-    order = longest_first([len(item) for item in inputs]) if texts else list(range(len(inputs)))
+    if lengths is None and all(isinstance(item, str) for item in inputs):
+        lengths = [len(item) for item in inputs]
+    order = longest_first(lengths) if lengths is not None else list(range(len(inputs)))
     starts = range(0, len(inputs), batch_size)
     chunks = [probabilities([inputs[index] for index in order[start:start + batch_size]])
               for start in tqdm(starts, desc="predict", unit="batch", disable=not progress or len(starts) < 2)]

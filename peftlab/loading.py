@@ -247,7 +247,7 @@ class MultiTaskRun:
         names = [self.tasks[index].name for index in self.task_ids(inputs, task, tasks)]
         rows = probabilities_in_batches(lambda chunk: self._probabilities_of(chunk),
                                         list(zip(inputs, names)), self.model.peftlab_tasks.width, batch_size,
-                                        progress).tolist()
+                                        progress, lengths=[len(text) for text in inputs]).tolist()
         return [labelled(item, row, self.task_labels[name], task=name) for item, name, row in zip(inputs, names, rows)]
 
     def _probabilities_of(self, pairs: list[tuple]) -> torch.Tensor:
