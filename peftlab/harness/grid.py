@@ -20,12 +20,15 @@ A grid may compare its strategies in pairs: `pairs: {lora: [lora-trainer, lora-r
 seed, side a then side b back to back (so both meet about the same load), and the report tabulates b against a.
 Beside the pairs, a strategy label may run a job that measures the machine (`{job: matmul_ceiling}`, a job
 registered with `measurement=True`): it is no side of a pair, and its cell runs after the pairs of each seed.
+A grid may leave out cells of its cross product: `exclude: ['*__bbc__lora-shared__*']` (shell patterns over cell
+ids, as `--only` takes them; each must match a cell), e.g. a multi-task mode that means nothing on a single task.
 A grid may start from another: `base: text_minilm.yaml` (relative to the file) takes that grid's keys, replaces
 those the file sets, and appends the file's `defaults` to the base's (the `env` mappings merge the same way).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +99,8 @@ class Grid:
     """Pair name -> (side a, side b) strategy labels."""
     fusions: dict[str, Fusion] = field(default_factory=dict)
     """Strategy label -> the label whose cells it fuses, and how."""
+    exclude: list[str] = field(default_factory=list)
+    """Shell patterns over cell ids: the cross product's cells the grid does not run."""
 
     def program_of(self, backbone: str, strategy: str, task: str) -> Program:
         """What a cell with these labels runs: the last of its labels that names a program, else the grid's recipe."""
@@ -123,6 +128,7 @@ class Grid:
                                           strategy=strategy, task=task, seed=seed, overrides=overrides,
                                           position=position,
                                           program=self.program_of(backbone, strategy, task), pair=pair, side=side))
+        cells = [cell for cell in cells if not any(fnmatch.fnmatch(cell.id, pattern) for pattern in self.exclude)]
         if self.pairs:
             pair_order = [*self.pairs, None]  # a measurement (no pair) after the pairs
             cells.sort(key=lambda c: (c.position["backbone"], c.position["task"], pair_order.index(c.pair), c.seed,
@@ -172,10 +178,25 @@ def load_grid(path: str | Path) -> Grid:
         pairs=_pairs(raw.get("pairs"), [label for label in axes["strategies"] if label not in measurements],
                      f"{path}: pairs", measurements), fusions=fusions,
     )
+    grid.exclude = _exclude(raw.get("exclude"), grid, f"{path}: exclude")
     programs.recipe(grid.recipe, str(path))  # a missing recipe fails here, in one line
     if grid.config is not None and not (REPO_ROOT / grid.config).is_file():
         raise PeftlabError(f"{path}: config {grid.config} does not exist (paths are relative to the repository root)")
     return grid
+
+
+def _exclude(raw, grid: Grid, where: str) -> list[str]:
+    """The exclude patterns, each checked to match at least one cell (a pattern that matches none is a typo)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(pattern, str) for pattern in raw):
+        raise PeftlabError(f"{where} must be a list of shell patterns over cell ids, e.g. ['*__bbc__lora-shared__*']")
+    ids = [cell.id for cell in grid.cells()]
+    for pattern in raw:
+        if not fnmatch.filter(ids, pattern):
+            raise PeftlabError(f"{where}: {pattern!r} matches no cell; patterns are shell globs over cell ids such as "
+                               f"{ids[0]!r}")
+    return list(raw)
 
 
 def _read_raw(path: Path, seen: tuple[Path, ...]) -> dict:
@@ -189,7 +210,7 @@ def _read_raw(path: Path, seen: tuple[Path, ...]) -> dict:
         raise PeftlabError(f"grid file {path} is not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(raw, dict):
         raise PeftlabError(f"grid file {path} must hold a mapping (recipe, defaults, backbones, ...)")
-    known = {"base", "recipe", "config", "env", "defaults", *AXES, "seeds", "pairs"}
+    known = {"base", "recipe", "config", "env", "defaults", *AXES, "seeds", "pairs", "exclude"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise PeftlabError(f"{path}: unknown key {unknown[0]!r} (valid keys: {', '.join(sorted(known))})")
