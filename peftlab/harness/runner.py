@@ -259,6 +259,8 @@ def _run_outputs(task: str | None, run_dir: Path) -> dict:
         # Forward passes per prediction: one for a trained model or a soup, one per member for an ensemble.
         "inference_cost": metrics.get("inference_cost", 1),
         **({"fusion": metrics["fusion"]} if "fusion" in metrics else {}),
+        # A multi-task run: each task's own parameters and scores, and how its tasks shared the base.
+        **({key: metrics[key] for key in ("tasks", "multitask", "forgetting") if key in metrics}),
         # `auto` precision depends on the machine: record what it resolved to here (bf16 where the CPU has it). A job
         # that computes in its own precision (scikit-learn's fp64) names it in its metrics.json.
         "mixed_precision": (metrics.get("mixed_precision")
