@@ -41,6 +41,8 @@ def test_shipped_grid_loads_and_every_cell_config_is_valid(path):
     assert len(cells) == len(every) - sum(any(fnmatch.fnmatch(c.id, p) for p in grid.exclude) for c in every)
     ids = [c.id for c in cells]
     for cell in cells:
+        if cell.extends:  # extends a run that comes before it
+            assert ids.index(cell.extends) < ids.index(cell.id) and cell.extends.endswith(f"__seed{cell.seed}")
         if cell.ingredients:  # fused after its ingredients ran
             assert all(ids.index(i) < ids.index(cell.id) for i in cell.ingredients) and cell.seed is None
             continue
@@ -79,6 +81,175 @@ def test_only_pattern_matching_no_cell_is_one_line_error_before_any_work(tmp_pat
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow  # about a minute: three recipe cells and a job cell in subprocesses
+def test_smoke_grid_end_to_end_with_resume_and_a_failed_cell(tmp_path, monkeypatch):
+    grid = load_grid(SMOKE)
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    first = runner.run_grid(grid, results, runs, progress=False)
+    assert len(first.launched) == 3 and first.failed == [BROKEN]
+
+    records = {r["cell"]: r for r in load_records(results)}
+    assert set(records) == {c.id for c in grid.cells()}
+    failed = records[BROKEN]
+    assert failed["status"] == "failed" and failed["returncode"] == 2 and "no option 'rank'" in failed["error"]
+    for cell_id, record in records.items():
+        if cell_id == BROKEN:
+            continue
+        assert record["status"] == "ok"
+        assert 0 <= record["metrics"]["test"]["accuracy"] <= 1 and "macro_f1" in record["metrics"]["validation"]
+        assert record["parameters"]["trainable"] > record["parameters"]["trainable_without_head"] >= 0
+        assert record["model_size_bytes"] > 0 and record["samples_per_s"] > 0 and record["peak_memory_mb"] > 0
+        assert record["data"]["rows"] == {"train": 48, "validation": 32, "test": 32}
+        assert record["config"]["train"]["seed"] == 0 and record["config"]["model"]["num_hidden_layers"] == 1
+        assert {"torch", "transformers", "peft", "accelerate", "peftlab"} <= set(record["environment"]["versions"])
+        assert record["git"]["sha"] is None or len(record["git"]["sha"]) == 40
+    # Both finished cells trained on the same examples.
+    assert len({r["data"]["sha256"] for r in records.values() if r["status"] == "ok"}) == 1
+
+    # Resume: every cell has a record (the failure included), so nothing launches and no record is rewritten.
+    launches = []
+    real_run = subprocess.run
+    def counting_run(command, **kwargs):
+        if "recipes/" in " ".join(map(str, command)):
+            launches.append(command)
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(runner.subprocess, "run", counting_run)
+    mtimes = {p: p.stat().st_mtime_ns for p in results.glob("*.json")}
+    second = runner.run_grid(grid, results, runs, progress=False)
+    assert launches == [] and second.launched == [] and len(second.skipped) == 3 and second.kept_failures == [BROKEN]
+    assert {p: p.stat().st_mtime_ns for p in results.glob("*.json")} == mtimes
+
+    # A registered job is launched and recorded like a recipe: here a stand-in for an exported model's evaluation,
+    # which leaves a recipe's outputs (copied from the finished head cell) in its run folder.
+    head = next(c for c in grid.cells() if c.strategy == "head")
+    job_script = tmp_path / "copy_run.py"
+    job_script.write_text(
+        "import shutil, sys\n"
+        "out = next(a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('output_dir='))\n"
+        f"shutil.copytree({str(runs / head.id)!r}, out, dirs_exist_ok=True)\n")
+    monkeypatch.setitem(programs.JOBS, "copy_run", programs.Program("job", "copy_run", str(job_script), task="text"))
+    job_grid = tmp_path / "job.yaml"
+    job_grid.write_text(SMOKE.read_text().replace("lora-r4: [", "lora-r4: {job: copy_run, overrides: [").replace(
+        "train.lr=1e-3]", "train.lr=1e-3]}"))
+    job_results = tmp_path / "job_results"
+    runner.run_grid(load_grid(job_grid), job_results, tmp_path / "job_runs", only=["*lora-r4*"], progress=False)
+    [job_record] = load_records(job_results)
+    recipe_record = records[head.id]
+    assert job_record["status"] == "ok" and (job_record["kind"], recipe_record["kind"]) == ("job", "recipe")
+    assert job_record["command"].startswith(f"python {job_script} model.pooling=mean")
+    assert _shape(job_record) == _shape(recipe_record)  # the same keys all the way down
+    assert job_record["metrics"] == recipe_record["metrics"] and job_record["data"] == recipe_record["data"]
+
+    # Tables and plot from the records alone.
+    summary, paths = render(results, tmp_path / "report")
+    table = paths["table"].read_text()
+    assert "| head | 0 | 770 |" in table and "| lora-r4 | 6.1k |" in table
+    assert f"`{BROKEN}`: strategy_options.lora" in table and "python benchmarks/run.py" in table
+    assert paths["plot"].read_bytes().startswith(b"\x89PNG")
+    assert len(paths["summary_csv"].read_text().splitlines()) == 1 + 2
+    assert len(paths["cells_csv"].read_text().splitlines()) == 1 + 3
+
+
+def _shape(value):
+    """The nested keys of a record (values left out): what a reader of the record can rely on."""
+    if isinstance(value, dict):
+        return {key: _shape(v) for key, v in value.items() if key not in ("versions",)}
+    return type(value).__name__ if value is not None else None
+
+
+def test_retry_failed_reruns_only_failed_cells_and_timeouts_are_failures(tmp_path, monkeypatch):
+    grid = load_grid(SMOKE)
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    results.mkdir()
+    ok, failed = grid.cells()[0].id, grid.cells()[1].id
+    runner.write_record(results / f"{ok}.json", {"cell": ok, "status": "ok"})
+    runner.write_record(results / f"{failed}.json", {"cell": failed, "status": "failed"})
+
+    real_run = subprocess.run
+
+    def timed_out(command, **kwargs):
+        if "recipes/" not in " ".join(map(str, command)):  # git, uname: let them run
+            return real_run(command, **kwargs)
+        raise subprocess.TimeoutExpired(command, 5)
+
+    monkeypatch.setattr(runner.subprocess, "run", timed_out)
+    done = runner.run_grid(grid, results, runs, retry_failed=True, timeout_s=5, progress=False)
+    assert done.launched == [failed, BROKEN] and done.skipped == [ok]
+    record = json.loads((results / f"{failed}.json").read_text())
+    assert record["status"] == "failed" and record["error"] == "timed out after 5 s"
+
+
+def test_error_line_prefers_the_recipe_error_then_the_last_line(tmp_path):
+    log = tmp_path / "cell.log"
+    log.write_text("loading\rtrain: 10%\nerror: train.lr: must be > 0, got -1.0\n")
+    assert runner.error_line(log) == "train.lr: must be > 0, got -1.0"
+    log.write_text("Traceback (most recent call last):\n  ...\nRuntimeError: out of memory\n\n")
+    assert runner.error_line(log) == "RuntimeError: out of memory"
+
+
+def test_data_fingerprint_ignores_order_and_sees_content():
+    def splits(texts):
+        return {"train": datasets.Dataset.from_dict({"text": texts, "label": [0, 0, 1]})}
+
+    a = splits_fingerprint(splits(["a", "b", "c"]))
+    assert a["rows"] == {"train": 3}
+    assert splits_fingerprint(splits(["c", "b", "a"]))["sha256"] != a["sha256"]  # labels moved with the order
+    assert splits_fingerprint({"train": splits(["a", "b", "c"])["train"].shuffle(seed=1)})["sha256"] == a["sha256"]
+    assert splits_fingerprint(splits(["a", "b", "d"]))["sha256"] != a["sha256"]
+
+
+def _record(strategy, seed, accuracy, trainable, position, task="t", status="ok"):
+    return {"grid": "g", "grid_file": "benchmarks/grids/g.yaml", "cell": f"m__{task}__{strategy}__seed{seed}",
+            "status": status, "backbone": "m", "strategy": strategy, "task": task, "seed": seed,
+            "position": {"backbone": 0, "strategy": position, "task": 0 if task == "t" else 1},
+            "metrics": {"test": {"accuracy": accuracy, "macro_f1": accuracy},
+                        "validation": {"accuracy": accuracy, "macro_f1": accuracy}},
+            "parameters": {"trainable": trainable, "trainable_without_head": trainable - 10, "total": 1000,
+                           "trainable_percent": trainable / 10},
+            "train_time_s": 1.0, "samples_per_s": 2.0, "peak_memory_mb": 3.0, "model_size_bytes": 4, "wall_time_s": 5,
+            "environment": {"versions": {"torch": "x"}, "device": "cpu"}, "git": {"sha": "0" * 40, "dirty": False}}
+
+
+def test_table_is_mean_and_std_over_seeds_in_grid_order_with_average():
+    records = [_record("lora", 0, 0.80, 110, 1), _record("lora", 1, 0.82, 110, 1),
+               _record("full", 0, 0.90, 1000, 0), _record("full", 1, 0.90, 1000, 0),
+               _record("lora", 0, 0.70, 110, 1, task="u"), _record("lora", 1, 0.70, 110, 1, task="u")]
+    table = results_table(summarize(records))
+    lines = table.splitlines()
+    assert lines[0] == "| Method | # Trainable params (w/o head) | with head | % of all | t | u | Avg. |"
+    assert lines[2].startswith("| full | 990 | 1.0k | 100% | 90.0 ± 0.0 | — | —")
+    assert lines[3] == "| lora | 100 | 110 | 11% | 81.0 ± 1.4 | 70.0 ± 0.0 | 75.5 |"
+
+
+def test_rerun_is_reproduced_only_within_its_rows_seed_spread():
+    committed = summarize([_record("lora", 0, 0.80, 110, 1), _record("lora", 1, 0.82, 110, 1),
+                           _record("full", 0, 0.90, 1000, 0), _record("full", 1, 0.90, 1000, 0)])
+    table, ok = compare_reruns(committed, [_record("lora", 0, 0.81, 110, 1)])  # 1 point; lora's std is 1.41
+    assert ok and table.splitlines()[2] == "| m__t__lora__seed0 | 80.00 | 81.00 | +1.00 | 1.41 | yes |"
+    table, ok = compare_reruns(committed, [_record("lora", 0, 0.81, 110, 1), _record("full", 1, 0.905, 1000, 0)])
+    assert not ok and table.splitlines()[2].endswith("| 0.00 | no |")  # full's seeds agree exactly: no band
+    table, ok = compare_reruns(committed, [_record("lora", 5, 0.8, 110, 1), _record("lora", 1, 0, 110, 1, status="failed")])
+    assert not ok and "no (no committed record)" in table and "no (re-run failed" in table
+
+
+def test_pareto_front_keeps_points_no_cheaper_point_beats():
+    points = [(10, 70.0), (100, 80.0), (50, 60.0), (1000, 79.0), (200, 81.0), (100, 75.0)]
+    assert pareto_front(points) == [(10, 70.0), (100, 80.0), (200, 81.0)]
+
+
+def test_readme_block_is_replaced_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    # A marker quoted inside a line (a command's comment naming the block) is text, not the block's start.
+    readme.write_text("run x  # into the <!-- report:g --> block\nintro\n<!-- report:g -->\nold\n<!-- /report:g -->\n"
+                      "rest\n")
+    update_readme(readme, "g", "new table\n")
+    assert readme.read_text() == ("run x  # into the <!-- report:g --> block\nintro\n<!-- report:g -->\nnew table\n"
+                                  "<!-- /report:g -->\nrest\n")
+    with pytest.raises(PeftlabError, match="no '<!-- report:other -->'"):
+        update_readme(readme, "other", "x")
+
+
 def test_exclude_leaves_out_the_cells_its_patterns_match_and_a_pattern_matching_none_is_an_error(tmp_path):
     axes = "recipe: text_classification\nbackbones: {m: []}\nstrategies: {one: [], two: []}\ntasks: {a: [], b: []}\n"
     grid = tmp_path / "g.yaml"
@@ -94,7 +265,29 @@ def test_exclude_leaves_out_the_cells_its_patterns_match_and_a_pattern_matching_
         load_grid(grid)
 
 
-@pytest.mark.slow  # about a minute: three recipe cells and a job cell in subprocesses
+def test_an_extends_row_continues_the_run_folder_of_its_label_with_the_same_seed(tmp_path):
+    grid_path = tmp_path / "g.yaml"
+    grid_path.write_text("recipe: multitask_classification\nbackbones: {m: []}\ntasks: {t: []}\nseeds: [0, 1]\n"
+                         "strategies: {shared: [multitask.mode=shared], "
+                         "then: {extends: shared, overrides: [multitask.mode=shared]}}\n")
+    grid = load_grid(grid_path)
+    cells = grid.cells()
+    assert [(c.id, c.extends) for c in cells] == [
+        ("m__t__shared__seed0", None), ("m__t__shared__seed1", None),
+        ("m__t__then__seed0", "m__t__shared__seed0"), ("m__t__then__seed1", "m__t__shared__seed1")]
+    command = runner.cell_command(grid, cells[3], tmp_path / "runs" / cells[3].id)
+    assert f"multitask.extend={tmp_path / 'runs' / 'm__t__shared__seed1'}" in command
+    assert command.index("multitask.mode=shared") < command.index(f"output_dir={tmp_path / 'runs' / cells[3].id}")
+    missing = runner.missing_ingredient(grid, cells[3], tmp_path / "runs")
+    assert "m__t__shared__seed1 is missing" in missing and "--only m__t__shared__seed1" in missing
+    (tmp_path / "runs" / "m__t__shared__seed1").mkdir(parents=True)
+    (tmp_path / "runs" / "m__t__shared__seed1" / "metrics.json").write_text("{}")
+    assert runner.missing_ingredient(grid, cells[3], tmp_path / "runs") is None
+    grid_path.write_text(grid_path.read_text().replace("extends: shared", "extends: later"))
+    with pytest.raises(PeftlabError, match=r"then: extends: 'later' is not a strategy label above it"):
+        load_grid(grid_path)
+
+
 def test_grid_base_is_extended_by_defaults_and_replaced_by_other_keys(tmp_path):
     (tmp_path / "base.yaml").write_text(
         "recipe: text_classification\nenv: {A: '1'}\ndefaults: [train.epochs=2]\nbackbones: {m: [model.name=minilm]}\n"

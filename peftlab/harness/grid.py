@@ -16,6 +16,10 @@ A strategy label may fuse another label's cells (issue 16): `full-greedy-soup: {
 is one cell per backbone and task, `<backbone>__<task>__full-greedy-soup__seeds0-1-2`, that runs the `fuse` job
 (`peftlab fuse`, method ensemble, uniform-soup or greedy-soup) on the run folders of that label's cells over every
 seed; it comes after them in the grid, and fails in one line naming the cell to re-run when a run folder is missing.
+A strategy label may continue another label's runs (multi-task runs, issue 19): `then-news: {extends: shared,
+overrides: [...]}` runs the grid's recipe once per seed with its overrides and `multitask.extend=<the run folder of the
+`shared` cell of the same backbone, task and seed>`; it comes after them in the grid, and fails in one line naming the
+cell to re-run when that folder is missing.
 A grid may compare its strategies in pairs: `pairs: {lora: [lora-trainer, lora-recipe]}` runs, for each pair and
 seed, side a then side b back to back (so both meet about the same load), and the report tabulates b against a.
 Beside the pairs, a strategy label may run a job that measures the machine (`{job: matmul_ceiling}`, a job
@@ -69,6 +73,8 @@ class Cell:
     """"a" or "b" within its pair."""
     ingredients: tuple[str, ...] = ()
     """The cell ids whose run folders a fusion cell fuses (empty for other cells)."""
+    extends: str | None = None
+    """The cell id whose run folder this cell's run extends (`multitask.extend`), for an `extends` label's cells."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,8 @@ class Grid:
     """Pair name -> (side a, side b) strategy labels."""
     fusions: dict[str, Fusion] = field(default_factory=dict)
     """Strategy label -> the label whose cells it fuses, and how."""
+    extensions: dict[str, str] = field(default_factory=dict)
+    """Strategy label -> the label whose run folders its cells extend (same backbone, task and seed)."""
     exclude: list[str] = field(default_factory=list)
     """Shell patterns over cell ids: the cross product's cells the grid does not run."""
 
@@ -124,10 +132,13 @@ class Grid:
                                      f"train.seed={seed}")
                         pair, side = next(((name, "ab"[sides.index(strategy)]) for name, sides in self.pairs.items()
                                            if strategy in sides), (None, None))
+                        extends = (cell_id(backbone, task, self.extensions[strategy], seed)
+                                   if strategy in self.extensions else None)
                         cells.append(Cell(id=cell_id(backbone, task, strategy, seed), backbone=backbone,
                                           strategy=strategy, task=task, seed=seed, overrides=overrides,
                                           position=position,
-                                          program=self.program_of(backbone, strategy, task), pair=pair, side=side))
+                                          program=self.program_of(backbone, strategy, task), pair=pair, side=side,
+                                          extends=extends))
         cells = [cell for cell in cells if not any(fnmatch.fnmatch(cell.id, pattern) for pattern in self.exclude)]
         if self.pairs:
             pair_order = [*self.pairs, None]  # a measurement (no pair) after the pairs
@@ -160,6 +171,7 @@ def load_grid(path: str | Path) -> Grid:
 
     axes, named = {}, {}
     fusions = _fusions(raw["strategies"], f"{path}: strategies")
+    extensions = _extensions(raw["strategies"], f"{path}: strategies", fusions)
     for axis in AXES:
         labels = {k: v for k, v in raw[axis].items() if str(k) not in fusions} if axis == "strategies" else raw[axis]
         axes[axis], axis_programs = _axis(labels, f"{path}: {axis}")
@@ -176,7 +188,7 @@ def load_grid(path: str | Path) -> Grid:
         defaults=_overrides(raw.get("defaults"), f"{path}: defaults"), **axes,
         seeds=_seeds(raw["seeds"], f"{path}: seeds"), programs=named,
         pairs=_pairs(raw.get("pairs"), [label for label in axes["strategies"] if label not in measurements],
-                     f"{path}: pairs", measurements), fusions=fusions,
+                     f"{path}: pairs", measurements), fusions=fusions, extensions=extensions,
     )
     grid.exclude = _exclude(raw.get("exclude"), grid, f"{path}: exclude")
     programs.recipe(grid.recipe, str(path))  # a missing recipe fails here, in one line
@@ -237,6 +249,9 @@ def _axis(value, where: str) -> tuple[dict[str, list[str]], dict[str, Program]]:
         if isinstance(entry, dict):
             entry = dict(entry)
             overrides = entry.pop("overrides", None)
+            if entry.keys() == {"extends"}:  # the grid's recipe, continuing another label's runs (_extensions)
+                axis[label] = _overrides(overrides, f"{where}.{label}")
+                continue
             if len(entry) != 1 or next(iter(entry)) not in ("job", "recipe"):
                 raise PeftlabError(f"{where}.{label}: a mapping holds `overrides` and one of `job` or `recipe`, "
                                    f"got keys {sorted(entry)}")
@@ -274,6 +289,28 @@ def _fusions(value, where: str) -> dict[str, Fusion]:
             raise PeftlabError(f"{where}: label {label!r} must use letters, digits, '.', '_' or '-'")
         fusions[label] = Fusion(of, method)
     return fusions
+
+
+def _extensions(value, where: str, fusions: dict[str, Fusion]) -> dict[str, str]:
+    """{label: extended label} of the strategy labels written `{extends: <label>, overrides: [...]}`; the extended
+    label must be an earlier strategy that trains (its cells run first)."""
+    if not isinstance(value, dict):
+        return {}  # _axis reports the shape
+    extensions, earlier = {}, []
+    for label, entry in value.items():
+        label = str(label)
+        if isinstance(entry, dict) and "extends" in entry:
+            if not set(entry) <= {"extends", "overrides"}:
+                raise PeftlabError(f"{where}.{label}: a row that extends another holds `extends: <strategy label>` "
+                                   f"and `overrides`, got keys {sorted(entry)}")
+            of = str(entry["extends"])
+            if of not in earlier:
+                raise PeftlabError(f"{where}.{label}: extends: {of!r} is not a strategy label above it that trains "
+                                   f"(labels: {', '.join(earlier)})")
+            extensions[label] = of
+        elif label not in fusions:
+            earlier.append(label)
+    return extensions
 
 
 def _pairs(value, strategies: list[str], where: str, measurements: list[str] = ()) -> dict[str, tuple[str, str]]:

@@ -162,13 +162,14 @@ def cell_command(grid: Grid, cell: Cell, run_dir: Path | str) -> list[str]:
         runs = ",".join(str(Path(run_dir).parent / ingredient) for ingredient in cell.ingredients)
         return [*cell.program.command(), *cell.overrides, f"runs={runs}", f"output_dir={run_dir}", "overwrite=true"]
     config = ["--config", grid.config] if grid.config else []
-    return [*cell.program.command(), *config, *cell.overrides, f"output_dir={run_dir}", "overwrite=true"]
+    extend = [f"multitask.extend={Path(run_dir).parent / cell.extends}"] if cell.extends else []
+    return [*cell.program.command(), *config, *cell.overrides, *extend, f"output_dir={run_dir}", "overwrite=true"]
 
 
 def missing_ingredient(grid: Grid, cell: Cell, runs_dir: Path) -> str | None:
-    """Why a fusion cell cannot run (an ingredient's run folder is not there: runs/ is not committed), with the
-    command that re-runs it, or None."""
-    for ingredient in cell.ingredients:
+    """Why a fusion cell, or a cell that extends another's run, cannot run (a run folder it needs is not there:
+    runs/ is not committed), with the command that re-runs it, or None."""
+    for ingredient in (*cell.ingredients, *([cell.extends] if cell.extends else [])):
         if not (runs_dir / ingredient / "metrics.json").is_file():
             # Its committed record would make the runner skip it: re-run into another records folder.
             return (f"the run folder of {ingredient} is missing ({shown_path(runs_dir / ingredient)}); re-run it: "
@@ -205,6 +206,7 @@ def run_cell(grid: Grid, cell: Cell, runs_dir: Path, *, timeout_s: float | None 
         "position": cell.position, "kind": cell.program.kind, "program": cell.program.name,
         **({"pair": cell.pair, "side": cell.side} if cell.pair else {}),
         **({"ingredients": list(cell.ingredients)} if cell.ingredients else {}),
+        **({"extends": cell.extends} if cell.extends else {}),
         "overrides": list(cell.overrides), "env": grid.env,
         "command": shlex.join(["python", *cell_command(grid, cell, shown_path(run_dir))]),
         "returncode": returncode, "wall_time_s": round(wall_time_s, 2), "log": shown_path(log_path),
