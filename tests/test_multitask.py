@@ -567,8 +567,11 @@ def test_a_shared_adapter_with_a_head_per_task_saves_and_loads(assets, tmp_path,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Serving every task from one process (the real server on 127.0.0.1, over HTTP)
+# Serving every task from one process (the real server on 127.0.0.1, over HTTP, and its page in a browser)
 # ---------------------------------------------------------------------------------------------------------------------
+
+from tests.browser import headless_browser, needs_chromium  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def multitask_server(runs):
@@ -621,6 +624,46 @@ def test_concurrent_requests_for_different_tasks_batched_together_get_their_own_
 
     for (task, texts), answer in zip(requests, asyncio.run(send_all())):
         assert_predictions(answer.json()["predictions"], run.predict(texts, task=task))
+
+
+@needs_chromium
+def test_the_page_picks_a_task_and_shows_its_labels(runs, multitask_server):
+    """The page in a headless browser: a picker of the run's tasks; predicting for the second one shows what
+    POST /predict answers for that task."""
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    texts = TEXTS[:3]
+    with headless_browser() as browser:
+        wait = WebDriverWait(browser, 60)
+        browser.get(multitask_server.url + "/")
+        picker = Select(wait.until(seen.visibility_of_element_located((By.ID, "task"))))
+        assert [option.text for option in picker.options] == ["sentiment", "topic"]
+        assert picker.first_selected_option.text == "sentiment"
+        assert "labels texts for sentiment as negative, positive;" in browser.find_element(By.ID, "model").text
+        picker.select_by_visible_text("topic")
+        model_line = browser.find_element(By.ID, "model").text
+        browser.find_element(By.ID, "texts").send_keys("\n".join(texts))
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".result")) == len(texts))
+        shown = [{"task": result.find_element(By.CSS_SELECTOR, ".task").text,
+                  "label": result.find_element(By.CSS_SELECTOR, ".top-label").text,
+                  "bars": [(bar.get_attribute("data-label"), float(bar.find_element(By.CSS_SELECTOR, ".pct").text[:-1]))
+                           for bar in result.find_elements(By.CSS_SELECTOR, ".bar")]}
+                 for result in browser.find_elements(By.CSS_SELECTOR, ".result")]
+    test_accuracy = json.loads((runs["two"] / "metrics.json").read_text())["test"]["topic/accuracy"]
+    assert "labels texts for topic as money, music, sport; test accuracy " in model_line
+    assert float(model_line.rsplit(" ", 1)[1][:-1]) == pytest.approx(100 * test_accuracy, abs=0.05)
+    answer = httpx.post(multitask_server.url + "/predict", json={"inputs": texts, "task": "topic"}, timeout=60)
+    for page, want in zip(shown, answer.json()["predictions"], strict=True):
+        assert page["task"] == "task: topic" and page["label"] == want["label"]
+        # The bars: the topic task's labels, most probable first, each its probability to the page's 0.1%.
+        assert [name for name, _ in page["bars"]] == sorted(want["probabilities"], key=want["probabilities"].get,
+                                                             reverse=True)
+        for name, percent in page["bars"]:
+            assert percent == pytest.approx(100 * want["probabilities"][name], abs=0.05 + 1e-9)
 
 
 @pytest.mark.parametrize("body, fragment", [

@@ -11,7 +11,6 @@ import copy
 import io
 import json
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from peftlab.backbones import portable_name
 from peftlab.loading import load
 from peftlab.serve import TOKEN_ENV, server_process
 from tests import bad_images
+from tests.browser import headless_browser, needs_chromium
 from tests.test_predict import train_runs
 
 TOKEN = "test-token-7"
@@ -313,42 +313,31 @@ def test_bad_run_folder_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "is not a folder" in err[0]
 
 
-def chromium() -> tuple[str, str] | None:
-    """Debian's chromium binary and its chromedriver, or None."""
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return (binary, driver) if binary and driver else None
-
-
 @slow
-@pytest.mark.skipif(chromium() is None, reason="no chromium + chromedriver (apt-get install chromium chromium-driver)")
+@needs_chromium
 def test_page_in_a_headless_browser(runs, text_server, image_server, tmp_path):
-    pytest.importorskip("selenium")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as seen
     from selenium.webdriver.support.ui import WebDriverWait
 
     page = httpx.get(text_server.url + "/").text
     assert "http://" not in page and "https://" not in page and "@import" not in page  # nothing from elsewhere
-    binary, driver_path = chromium()
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    # An explicit driver path: Selenium Manager would try to download one, which fails offline.
-    browser = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-    try:
+    with headless_browser() as browser:
         wait = WebDriverWait(browser, 60)
         text_predictor = load(runs["text"])
         browser.get(text_server.url + "/")
         texts = wait.until(seen.visibility_of_element_located((By.ID, "texts")))
+        # A single-task run: no task picker, and the line names the run's labels as before.
+        assert not browser.find_element(By.ID, "task-box").is_displayed()
+        model_line = browser.find_element(By.ID, "model").text
+        assert model_line.startswith("sentence-transformers/all-MiniLM-L6-v2 + lora (pytorch), labels texts as "
+                                     + ", ".join(text_predictor.label_names))
         texts.send_keys("\n".join(TEXTS[:3]))
         browser.find_element(By.ID, "submit").click()
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".result")) == 3)
         labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".result .top-label")]
         assert labels == [r["label"] for r in text_predictor.predict(TEXTS[:3])]
+        assert not browser.find_elements(By.CSS_SELECTOR, ".result .task")  # only a multi-task result names its task
         bars = browser.find_elements(By.CSS_SELECTOR, ".result:first-child .bar")
         assert sorted(bar.get_attribute("data-label") for bar in bars) == sorted(text_predictor.label_names)
 
@@ -367,8 +356,7 @@ def test_page_in_a_headless_browser(runs, text_server, image_server, tmp_path):
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".result .top-label"))
         label = browser.find_element(By.CSS_SELECTOR, ".result .top-label").text
         assert label == image_predictor.predict([tmp_path / "green.png"])[0]["label"]
-    finally:
-        browser.quit()
+        assert not browser.find_element(By.ID, "task-box").is_displayed()
 
 
 # The micro-batcher on its own: a fake model that records each call's inputs.
