@@ -202,9 +202,11 @@ class MultitaskConfig:
     halves the gap on a log scale: a task with 4x the examples gets 2x the batches, so small tasks are not drowned
     out while large ones still get most of the steps."""
     extend: Optional[str] = None
-    """A finished multi-task run of mode `separate` on the same base: its tasks are loaded and kept frozen (their
-    adapters and heads bit-for-bit unchanged) while the tasks listed here train as new adapters and heads; the new run
-    folder holds every task."""
+    """A finished multi-task run of the same mode on the same base: its tasks come first, their heads loaded and
+    frozen, while the tasks listed here train new heads; the new run folder holds every task. Mode separate: their
+    adapters too stay bit-for-bit unchanged, the new tasks train new adapters. Mode shared: the shared adapter trains
+    on, on the new tasks only, so the earlier tasks are evaluated again (their data as that run's config.yaml names
+    it) and metrics.json's `forgetting` gives each one's scores before and after."""
 
 
 @dataclass

@@ -94,6 +94,20 @@ def multitask_scalar_metrics(per_task: dict[str, dict[str, Any]], tasks) -> dict
     return flat
 
 
+def forgetting(before: dict[str, dict[str, float]], after: dict[str, dict[str, Any]],
+               metric: str) -> dict[str, dict[str, dict[str, float]]]:
+    """How a task's scores moved when the adapter it shares trained on other tasks: per split (validation, test),
+    accuracy and the task's own `metric`, each {"before", "after", "change": after - before}.
+
+    Args:
+        before, after: per split, the task's metrics (as metrics.json's `tasks` section holds them).
+    """
+    return {split: {key: {"before": before[split][key], "after": after[split][key],
+                          "change": after[split][key] - before[split][key]}
+                    for key in dict.fromkeys(("accuracy", metric))}
+            for split in ("validation", "test")}
+
+
 def compute_classification_metrics(
     predictions: Sequence[int], references: Sequence[int], label_names: Sequence[str]
 ) -> dict[str, Any]:

@@ -96,7 +96,8 @@ def ensemble_card(cfg, task: str, metrics: dict[str, Any], label_names: list[str
 
 def multitask_card(cfg, kind: str, metrics: dict[str, Any], counts: ParameterCount, folder: str = ".") -> str:
     """The Markdown card of a multi-task run (recipes/multitask_classification.py): its tasks, each task's results
-    and own parameters, and how to load it (peftlab routes each task to its adapter and head)."""
+    and own parameters, how the earlier tasks' scores moved when it extends a shared adapter (metrics.json's
+    `forgetting`), and how to load it (peftlab routes each task to its adapter and head)."""
     base = portable_name(cfg.model.name)
     multitask, tasks = metrics["multitask"], metrics["tasks"]
     example = '"a gripping, beautifully shot film"' if kind == "text" else '"cat.png"'
@@ -126,11 +127,14 @@ def multitask_card(cfg, kind: str, metrics: dict[str, Any], counts: ParameterCou
         + ("one adapter per task |\n" if separate else
            f"one adapter shared by all tasks ({multitask['shared_parameters']:,} parameters) |\n")
         + f"| Heads | one per task |\n| Sampling | one task per batch, {sampling} |\n"
-        + (f"| Extends | `{multitask['extends']}` (its tasks unchanged) |\n" if multitask["extends"] else "")
+        + (f"| Extends | `{multitask['extends']}` "
+           f"({'its tasks unchanged' if separate else 'its heads frozen, the shared adapter trained on'}) |\n"
+           if multitask["extends"] else "")
         + f"| Parameters | {counts} |\n"
         f"| Training | {metrics.get('global_step', 0)} steps, {metrics.get('train_time_s', 0):.0f} s; best "
         f"checkpoint on validation {cfg.train.metric_for_best} |",
         "## Results\n\n" + "\n".join(rows),
+        forgetting_section(metrics),
         "## Load it\n\n```python\nimport peftlab\n\n"
         f'run = peftlab.load("{folder}")\n'
         f'run.predict([{example}], task="{first}")          # every input for one task\n'
@@ -145,9 +149,29 @@ def multitask_card(cfg, kind: str, metrics: dict[str, Any], counts: ParameterCou
          "`model/<task>/head.safetensors`; peftlab routes inputs to their task's head."),
         f"Add a task without touching these: `python recipes/multitask_classification.py "
         f"multitask.extend={folder} \"multitask.tasks=[{{name: NEW, data: {{name: NEW.csv}}}}]\" output_dir=NEW_FOLDER`"
-        if separate else "",
+        if separate else
+        f"Add a task on this shared adapter, which trains on (so these tasks' scores move; that run's card and "
+        f"metrics.json measure how): `python recipes/multitask_classification.py multitask.mode=shared "
+        f"multitask.extend={folder} \"multitask.tasks=[{{name: NEW, data: {{name: NEW.csv}}}}]\" "
+        f"output_dir=NEW_FOLDER`",
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def forgetting_section(metrics: dict[str, Any]) -> str:
+    """The card's table of each earlier task's scores before and after the shared adapter trained on the new tasks
+    (empty for a run without metrics.json's `forgetting`)."""
+    if "forgetting" not in metrics:
+        return ""
+    new = [name for name, task in metrics["tasks"].items() if task["batch_share"] is not None]
+    rows = [f"## Forgetting\n\nThe earlier tasks of `{metrics['multitask']['extends']}`, scored there (before) and "
+            f"here (after), once the shared adapter trained on {', '.join(f'`{name}`' for name in new)}:\n",
+            "| Task | Split | Metric | Before | After | Change (points) |", "|---|---|---|---|---|---|"]
+    for name, splits in metrics["forgetting"].items():
+        for split, scores in splits.items():
+            rows += [f"| `{name}` | {split} | {metric} | {score['before']:.4f} | {score['after']:.4f} | "
+                     f"{100 * score['change']:+.1f} |" for metric, score in scores.items()]
+    return "\n".join(rows)
 
 
 def fusion_row(metrics: dict[str, Any]) -> str:

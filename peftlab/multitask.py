@@ -53,7 +53,8 @@ class TaskSpec:
     max_length: Optional[int] = None
     """Text tasks: the length its texts are truncated to (its resolved data.max_length)."""
     frozen: bool = False
-    """Loaded from an earlier run (`multitask.extend`): its adapter and head do not train."""
+    """Loaded from an earlier run (`multitask.extend`): its head, and its adapter in mode separate, do not train (in
+    mode shared, the adapter it shares trains on)."""
 
 
 class TaskRouting:
@@ -135,25 +136,33 @@ class EarlierRun:
     tasks: list[TaskSpec]
     """Its tasks, in its task order (frozen)."""
     metrics: dict
-    """Its metrics.json `tasks` section: what its tasks scored (unchanged, since their weights are)."""
+    """Its metrics.json `tasks` section: what its tasks scored (mode separate: carried over, since their weights are
+    unchanged; mode shared: their scores before the shared adapter trains on)."""
+    evaluated: list = dataclasses.field(default_factory=list)
+    """Mode shared: its tasks' config sections (`peftlab.config.TaskConfig`: data with its resolved max_length, and
+    metric), whose validation and test splits this run evaluates again, since the shared adapter trains on; mode
+    separate: none (the earlier tasks' outputs cannot change)."""
 
 
-def read_earlier_run(cfg) -> EarlierRun:
-    """The run `cfg.multitask.extend` names, checked against `cfg`: a finished multi-task run of mode separate on the
-    same base with the same strategy, none of whose tasks the new run names again; one-line errors otherwise."""
+def read_earlier_run(cfg) -> Optional[EarlierRun]:
+    """The run `cfg.multitask.extend` names (None without one), checked against `cfg`: a finished multi-task run of
+    the same mode on the same base with the same strategy, none of whose tasks the new run names again; one-line
+    errors otherwise."""
     from peftlab.config import load_config
     from peftlab.runs import CONFIG_FILE, METRICS_FILE, MODEL_SUBDIR, MULTITASK_FILE
 
+    if not cfg.multitask.extend:
+        return None
     run_dir = Path(cfg.multitask.extend)
     info_path = run_dir / MODEL_SUBDIR / MULTITASK_FILE
     if not info_path.is_file() or not (run_dir / CONFIG_FILE).is_file():
         raise PeftlabError(f"multitask.extend={run_dir} is not a finished multi-task run (no {MODEL_SUBDIR}/"
                            f"{MULTITASK_FILE}); point it to the output_dir of recipes/multitask_classification.py")
     info, earlier = json.loads(info_path.read_text()), load_config(str(run_dir / CONFIG_FILE))
-    if info["mode"] != "separate" or cfg.multitask.mode != "separate":
-        raise PeftlabError(f"multitask.extend adds adapters beside those of {run_dir} and needs both runs in "
-                           f"multitask.mode=separate (that run is {info['mode']}, this one {cfg.multitask.mode}); a "
-                           f"shared adapter trained further would change the earlier tasks")
+    if info["mode"] != cfg.multitask.mode:
+        raise PeftlabError(f"multitask.extend={run_dir} is a run of multitask.mode={info['mode']} and this one of "
+                           f"{cfg.multitask.mode} (adapters per task and one shared adapter do not combine); set "
+                           f"multitask.mode={info['mode']}")
     ours, theirs = dataclasses.asdict(cfg.model), dataclasses.asdict(earlier.model)
     if ours != theirs:
         differences = ", ".join(f"model.{key}={theirs[key]!r} there, {ours[key]!r} here" for key in ours
@@ -173,18 +182,42 @@ def read_earlier_run(cfg) -> EarlierRun:
     metrics = json.loads((run_dir / METRICS_FILE).read_text()).get("tasks", {})
     tasks = [TaskSpec(task["name"], task["label_names"], task["metric"], task.get("max_length"), frozen=True)
              for task in info["tasks"]]
-    return EarlierRun(run_dir, tasks, metrics)
+    evaluated = _task_configs(run_dir, earlier, names) if info["mode"] == "shared" else []
+    return EarlierRun(run_dir, tasks, metrics, evaluated)
 
 
-def tasks_to_train(cfg, label_names: dict[str, list[str]]) -> tuple[list[TaskSpec], Optional[EarlierRun]]:
-    """The run's tasks in task order (an extended run's earlier tasks first, frozen) and the earlier run, if any.
+def _task_configs(run_dir: Path, run_cfg, names: list[str]) -> list:
+    """The config sections of tasks `names`, as the run in `run_dir` (config `run_cfg`) or the runs it extends wrote
+    them: an extended run's config.yaml lists only the tasks it added, and its `extend` names the run before."""
+    from peftlab.config import load_config
+    from peftlab.runs import CONFIG_FILE
+
+    found = {task.name: task for task in run_cfg.multitask.tasks}
+    while run_cfg.multitask.extend and not set(names) <= set(found):
+        run_cfg = load_config(str(Path(run_cfg.multitask.extend) / CONFIG_FILE))
+        found.update({task.name: task for task in run_cfg.multitask.tasks if task.name not in found})
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise PeftlabError(f"the config.yaml of {run_dir} and of the runs it extends give no data for task(s) "
+                           f"{', '.join(missing)}, which this run evaluates again; restore the folders that trained "
+                           f"them")
+    return [found[name] for name in names]
+
+
+def tasks_to_train(cfg, label_names: dict[str, list[str]], earlier: Optional[EarlierRun]) -> list[TaskSpec]:
+    """The run's tasks in task order (an extended run's earlier tasks first, frozen).
 
     Args:
-        label_names: each task of `cfg.multitask.tasks` by name, its label names from its data.
+        label_names: each task with data in this run by name (those of `cfg.multitask.tasks` and the earlier tasks
+            it evaluates again), its label names from its data.
+        earlier: `read_earlier_run(cfg)`.
     """
-    earlier = read_earlier_run(cfg) if cfg.multitask.extend else None
+    for task in earlier.tasks if earlier else []:
+        if task.name in label_names and list(label_names[task.name]) != task.label_names:
+            raise PeftlabError(f"task {task.name!r} of {earlier.run_dir} trained on labels {task.label_names}, and "
+                               f"its data now gives {list(label_names[task.name])}; restore the data it trained on")
     new = [TaskSpec(task.name, list(label_names[task.name]), task.metric) for task in cfg.multitask.tasks]
-    return (earlier.tasks if earlier else []) + new, earlier
+    return (earlier.tasks if earlier else []) + new
 
 
 def build_multitask_model(model_cfg, kind: str, tasks: Sequence[TaskSpec], strategy: str, options: dict, *,
@@ -195,7 +228,8 @@ def build_multitask_model(model_cfg, kind: str, tasks: Sequence[TaskSpec], strat
 
     Each task's head is the one the backbone builds for its labels (`load_base` once per task, drawing the head's
     initial values from the global RNG in task order; the base weights are the same every time). Tasks marked
-    `frozen` do not train; with `extend`, those of the earlier run get its saved heads and adapters.
+    `frozen` do not train; with `extend`, those of the earlier run get its saved heads and adapters (mode shared:
+    its shared adapter, which trains on).
     """
     packaged = PACKAGED_BACKBONES.get(packaged_name(model_cfg.name) or "")
     if kind != "text" or (packaged is not None and packaged.task != "text"):

@@ -167,19 +167,22 @@ def save_multitask_run(cfg: RecipeConfig, kind: str, *, accelerator, model, resu
                        rules: dict[str, DataRules], counts: ParameterCount, preprocessor, output_dir: Path,
                        phases: PhaseTimer, train_examples: dict[str, int], earlier=None) -> dict[str, Any]:
     """`save_run` for a multi-task run (recipes/multitask_classification.py): metrics.json's `validation` and `test`
-    hold the means over tasks (`tasks_mean` and each scalar metric) and `<task>/<metric>`; `tasks` holds each task's
-    metrics, own parameters, data rules and share of the training batches; weights per `peftlab.saving.save_multitask`;
-    predictions per task and split (`<split>_predictions_<task>.csv`).
+    hold the means over the tasks evaluated (`tasks_mean` and each scalar metric) and `<task>/<metric>`; `tasks` holds
+    each task's metrics, own parameters, data rules and share of the training batches; weights per
+    `peftlab.saving.save_multitask`; predictions per task evaluated and split (`<split>_predictions_<task>.csv`).
+    Extending a run of mode shared, each earlier task's entry also holds `before` (its validation and test scalars in
+    that run), and a top-level `forgetting` says per earlier task how its accuracy and own metric moved
+    (peftlab.metrics.forgetting).
 
     Args:
         tasks: the model's `peftlab.multitask.TaskSpec`s, in task order.
         rules: each task's resolved data rules (tasks trained here).
         train_examples: training examples per task trained here.
-        earlier: the `peftlab.multitask.EarlierRun` this run extends: its tasks' weights are unchanged, so their
-            entries of its metrics.json are carried over.
+        earlier: the `peftlab.multitask.EarlierRun` this run extends. Mode separate: its tasks' weights are unchanged,
+            so their entries of its metrics.json are carried over; mode shared: they were evaluated again.
     """
     from peftlab.data.tasks import sampling_shares
-    from peftlab.metrics import multitask_scalar_metrics, per_task_metrics
+    from peftlab.metrics import forgetting, multitask_scalar_metrics, per_task_metrics, scalar_metrics
     from peftlab.multitask import SHARED, task_parameter_counts
 
     per_task_test = per_task_metrics(test.predictions, test.references, test.task_ids, tasks)
@@ -188,22 +191,32 @@ def save_multitask_run(cfg: RecipeConfig, kind: str, *, accelerator, model, resu
     own = task_parameter_counts(plain_module(accelerator, model))
     metrics = {"validation": result.best_metrics, "test": multitask_scalar_metrics(per_task_test, tasks),
                **training_record(result, phases)}
-    metrics["tasks"] = {}
+    metrics["tasks"], moved = {}, {}
     for task in tasks:
+        scores = {"validation": {key.split("/", 1)[1]: value for key, value in result.best_metrics.items()
+                                 if key.startswith(f"{task.name}/")}, "test": per_task_test.get(task.name)}
         if task.name in train_examples:
-            record = {"metric": task.metric, "trained_in": str(output_dir),
-                      "validation": {key.split("/", 1)[1]: value for key, value in result.best_metrics.items()
-                                     if key.startswith(f"{task.name}/")},
-                      "test": per_task_test[task.name], "train_examples": train_examples[task.name],
-                      "batch_share": shares[task.name], "data_rules": rules[task.name].record()}
+            record = {"metric": task.metric, "trained_in": str(output_dir), **scores,
+                      "train_examples": train_examples[task.name], "batch_share": shares[task.name],
+                      "data_rules": rules[task.name].record()}
+        elif task.name in per_task_test:  # an earlier task under the shared adapter that trained on: scored again
+            before = {split: scalar_metrics(earlier.metrics[task.name][split]) for split in ("validation", "test")}
+            record = {**earlier.metrics[task.name], **scores, "before": before, "batch_share": None}
+            moved[task.name] = forgetting(before, scores, task.metric)
         else:  # a task of the run this one extends: same weights, so the scores it recorded still hold
             record = {**earlier.metrics[task.name], "batch_share": None}
         metrics["tasks"][task.name] = {**record, "parameters": own[task.name]}
+    if moved:
+        metrics["forgetting"] = moved
     metrics["multitask"] = {"mode": cfg.multitask.mode, "sampling": cfg.multitask.sampling,
                             "temperature": cfg.multitask.temperature, "extends": cfg.multitask.extend,
                             "shared_parameters": own[SHARED]["adapter"]}
     accelerator.print("test " + ", ".join(f"{name} accuracy {results['accuracy']:.4f}"
                                           for name, results in per_task_test.items()) + f" ({result.train_time_s:.0f} s)")
+    for name, splits in moved.items():
+        accuracy = splits["test"]["accuracy"]
+        accelerator.print(f"{name}: test accuracy {accuracy['before']:.3f} -> {accuracy['after']:.3f} "
+                          f"({100 * accuracy['change']:+.1f} points) after training on {', '.join(train_examples)}")
     if accelerator.is_main_process:
         write_multitask_outputs(output_dir, cfg, kind, plain_module(accelerator, model), preprocessor, metrics,
                                 counts, tasks)

@@ -10,6 +10,12 @@ topics (prepare R8 once with `python benchmarks/data/reuters_r52.py --subset r8 
     python recipes/multitask_classification.py multitask.mode=shared strategy=adapter       # hard parameter sharing
     python recipes/multitask_classification.py multitask.extend=outputs/minilm_multitask \
         "multitask.tasks=[{name: spam, data: {name: spam.csv}}]" output_dir=outputs/minilm_multitask_plus_spam
+
+multitask.extend adds tasks to a finished run of the same mode, its heads loaded and frozen. Mode separate: its
+adapters too, so its tasks neither train nor evaluate (their metrics are carried over). Mode shared: the shared
+adapter trains on, on the new tasks only, so with a shared adapter every task is evaluated (its data from the earlier
+run's config.yaml) and the best checkpoint is chosen on the mean over all of them; metrics.json's `forgetting` gives
+each earlier task's accuracy and own metric before and after.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from peftlab.data import load_data, tokenize_dataset
 from peftlab.data.tasks import make_task_text_dataloader
 from peftlab.learning_rates import rate_groups
 from peftlab.metrics import TASKS_MEAN, multitask_scalar_metrics, per_task_metrics
-from peftlab.multitask import build_multitask_model, check_one_process, resolve_task_rules, tasks_to_train
+from peftlab.multitask import (build_multitask_model, check_one_process, read_earlier_run, resolve_task_rules,
+                               tasks_to_train)
 from peftlab.phases import PhaseTimer
 from peftlab.runs import check_before_loading, prepare_output_dir, save_multitask_run, score_test
 from peftlab.training import build_accelerator, train
@@ -38,14 +45,17 @@ def main(cfg: RecipeConfig) -> dict:
     check_before_loading(cfg, multitask=True)  # output folder, precision, trackers: fail in milliseconds
     phases = PhaseTimer()
 
-    # Data: each task's train/validation/test splits, loaded as a single-task run loads its `data`.
-    data = {task.name: load_data(task.data, task="text") for task in cfg.multitask.tasks}
+    # Data: each task's train/validation/test splits, loaded as a single-task run loads its `data`; extending a run
+    # of mode shared, its tasks' too, as its config.yaml names them (they are evaluated again).
+    earlier = read_earlier_run(cfg)  # multitask.extend, checked before any data loads
+    task_cfgs = (earlier.evaluated if earlier else []) + cfg.multitask.tasks
+    data = {task.name: load_data(task.data, task="text") for task in task_cfgs}
     phases.lap("data")
 
     # One base, a head per task (and an adapter per task in mode separate); the tasks of an earlier run
     # (multitask.extend) come first, loaded and frozen. Seeded first: the heads and LoRA's A matrices draw from it.
     set_seed(cfg.train.seed)
-    tasks, earlier = tasks_to_train(cfg, {name: split.label_names for name, split in data.items()})
+    tasks = tasks_to_train(cfg, {name: split.label_names for name, split in data.items()}, earlier)
     model, backbone = build_multitask_model(cfg.model, "text", tasks, cfg.strategy,
                                             cfg.strategy_options.get(cfg.strategy, {}), mode=cfg.multitask.mode,
                                             extend=earlier)
@@ -71,16 +81,18 @@ def main(cfg: RecipeConfig) -> dict:
     # Each batch holds one task's examples and their `task_ids`; the sampler picks the task (peftlab.data.tasks).
     with accelerator.main_process_first():
         tokenized = {task.name: tokenize_dataset(data[task.name].splits, backbone.tokenizer, task.data.max_length)
-                     for task in cfg.multitask.tasks}
-    trained = [task for task in tasks if not task.frozen]  # an extended run's earlier tasks neither train nor evaluate
-    trained_ids = [tasks.index(task) for task in trained]
+                     for task in task_cfgs}
+    # An extended run's earlier tasks do not train; they are evaluated only in mode shared, the one whose shared
+    # adapter trains on (in mode separate their outputs cannot change).
+    trained, evaluated = [task for task in tasks if not task.frozen], [task for task in tasks if task.name in data]
+    trained_ids, evaluated_ids = [tasks.index(task) for task in trained], [tasks.index(task) for task in evaluated]
     train_loader = make_task_text_dataloader([tokenized[task.name]["train"] for task in trained], backbone.tokenizer,
                                              cfg.train.batch_size, shuffle=True, sampling=cfg.multitask.sampling,
                                              temperature=cfg.multitask.temperature, seed=cfg.train.seed,
                                              group_by_length=cfg.train.group_by_length, task_ids=trained_ids)
-    eval_loaders = {split: make_task_text_dataloader([tokenized[task.name][split] for task in trained],
+    eval_loaders = {split: make_task_text_dataloader([tokenized[task.name][split] for task in evaluated],
                                                      backbone.tokenizer, cfg.train.eval_batch_size, shuffle=False,
-                                                     group_by_length=cfg.train.group_by_length, task_ids=trained_ids)
+                                                     group_by_length=cfg.train.group_by_length, task_ids=evaluated_ids)
                     for split in ("validation", "test")}
     phases.lap("data")
 

@@ -3,7 +3,8 @@
 Config: the task list, its defaults and its one-line errors. Model: routing a batch to its task's adapter and head,
 and a mixed batch in one forward equal to each task alone (tiny random BERT). Data: task batches and their
 sampling. Recipe: two tasks train in one run with each head seeing only its task's batches, a third task added later
-leaves the first two bit-for-bit unchanged, and save + load reproduces every task (packaged MiniLM cut to one layer).
+leaves the first two bit-for-bit unchanged (mode separate) or, added on a shared adapter, is measured for what the
+first two forget, and save + load reproduces every task (packaged MiniLM cut to one layer).
 """
 
 from __future__ import annotations
@@ -80,8 +81,10 @@ def test_shared_mode_takes_a_strategy_that_keeps_the_base_frozen():
 # Fixtures: a tiny random BERT saved with MiniLM's tokenizer, and three small CSV tasks
 # ---------------------------------------------------------------------------------------------------------------------
 
+import contextlib  # noqa: E402
 import csv  # noqa: E402
 import importlib.util  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -515,7 +518,7 @@ def test_a_task_added_later_leaves_the_earlier_tasks_bit_for_bit_unchanged(runs)
     (["model.num_hidden_layers=1"], "tasks on different bases"),
     (["model.pooling=mean"], "tasks on different bases"),
     (["strategy_options.lora.r=4"], "configure the new tasks' adapters as the earlier ones"),
-    (["multitask.mode=shared"], "needs both runs in multitask.mode=separate"),
+    (["multitask.mode=shared"], "is a run of multitask.mode=separate and this one of shared"),
 ])
 def test_extending_a_run_checks_base_strategy_and_mode(runs, assets, tmp_path, overrides, fragment):
     with pytest.raises(PeftlabError, match=fragment):
@@ -564,6 +567,97 @@ def test_a_shared_adapter_with_a_head_per_task_saves_and_loads(assets, tmp_path,
         torch.testing.assert_close(run.probabilities(texts, task=task.name), expected, atol=1e-5, rtol=0)
     mixed = run.logits(TEXTS[:2], tasks=["topic", "sentiment"])
     torch.testing.assert_close(mixed[1, :2], run.logits(TEXTS[1:2], task="sentiment")[0, :2], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def shared_runs(assets, tmp_path_factory) -> dict:
+    """Mode shared: a two-task run (sentiment, topic), a run whose shared adapter trains on a third task (spam), and
+    one extending that with a fourth (spam's data again); plus what the second printed. 24 steps at lr 3e-2: enough
+    for the tiny model to learn, and for training on spam to move an earlier task's accuracy (a few seconds)."""
+    folder = tmp_path_factory.mktemp("shared_runs")
+    learns = ["multitask.mode=shared", "train.max_steps=24", "train.lr=3e-2", "train.eval_every=0"]
+    run_recipe(assets, folder / "two", task_list(assets, "sentiment", "topic"), *learns)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        run_recipe(assets, folder / "three", task_list(assets, "spam"), f"multitask.extend={folder / 'two'}", *learns,
+                   "train.seed=7")
+    run_recipe(assets, folder / "four", f"multitask.tasks=[{{name: spam_again, data: {{name: {assets['spam']}}}}}]",
+               f"multitask.extend={folder / 'three'}", "multitask.mode=shared", "train.max_steps=2")
+    return {"two": folder / "two", "three": folder / "three", "four": folder / "four", "printed": printed.getvalue()}
+
+
+def test_extending_a_shared_adapter_trains_it_on_the_new_task_and_keeps_the_earlier_heads(shared_runs):
+    from safetensors.torch import load_file
+
+    two, three = shared_runs["two"] / "model", shared_runs["three"] / "model"
+    for task in ("sentiment", "topic"):
+        before, after = load_file(two / task / "head.safetensors"), load_file(three / task / "head.safetensors")
+        assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
+    before, after = load_file(two / "adapter_model.safetensors"), load_file(three / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[key], after[key]) for key in before)
+    metrics = json.loads((shared_runs["three"] / "metrics.json").read_text())
+    assert [task["batch_share"] for task in metrics["tasks"].values()] == [None, None, 1.0]  # only spam's batches
+    assert metrics["parameters"]["trainable"] == (metrics["multitask"]["shared_parameters"]
+                                                  + metrics["tasks"]["spam"]["parameters"]["head"])
+
+
+def test_extending_a_shared_adapter_evaluates_the_earlier_tasks_and_measures_what_they_forget(shared_runs):
+    import peftlab
+    from peftlab.data import load_data
+    from peftlab.metrics import compute_classification_metrics
+
+    earlier = json.loads((shared_runs["two"] / "metrics.json").read_text())
+    metrics = json.loads((shared_runs["three"] / "metrics.json").read_text())
+    run, before_run = peftlab.load(shared_runs["three"]), peftlab.load(shared_runs["two"])
+    assert list(run.task_labels) == ["sentiment", "topic", "spam"]
+    assert set(metrics["forgetting"]) == {"sentiment", "topic"}
+    for name in ("sentiment", "topic"):  # why they are evaluated again: their outputs moved with the shared adapter
+        assert not torch.equal(run.logits(TEXTS, task=name), before_run.logits(TEXTS, task=name))
+    # and their scores with them, so the checks below tell before from after
+    assert any(score["change"] != 0 for splits in metrics["forgetting"].values() for scores in splits.values()
+               for score in scores.values())
+    own = [metrics["tasks"][name]["validation"][metrics["tasks"][name]["metric"]] for name in run.task_labels]
+    assert metrics["validation"]["tasks_mean"] == pytest.approx(sum(own) / 3)  # every task chose the checkpoint
+    for task in load_config(str(shared_runs["two"] / "config.yaml")).multitask.tasks:
+        test_split = load_data(task.data, task="text").splits["test"]
+        predicted = [run.task_labels[task.name].index(p["label"]) for p in run.predict(test_split["text"],
+                                                                                      task=task.name)]
+        record = metrics["tasks"][task.name]
+        assert record["test"] == compute_classification_metrics(predicted, test_split["label"],
+                                                                run.task_labels[task.name])
+        assert (shared_runs["three"] / f"test_predictions_{task.name}.csv").is_file()
+        for split in ("validation", "test"):
+            before, after = earlier["tasks"][task.name][split], record[split]
+            assert record["before"][split]["accuracy"] == before["accuracy"]
+            for metric in {"accuracy", task.metric}:
+                assert metrics["forgetting"][task.name][split][metric] == pytest.approx(
+                    {"before": before[metric], "after": after[metric], "change": after[metric] - before[metric]})
+        test_accuracy = metrics["forgetting"][task.name]["test"]["accuracy"]
+        assert (f"{task.name}: test accuracy {test_accuracy['before']:.3f} -> {test_accuracy['after']:.3f} "
+                f"({100 * test_accuracy['change']:+.1f} points) after training on spam") in shared_runs["printed"]
+    assert all(p["label"] in TASK_WORDS["spam"] for p in run.predict(TEXTS, task="spam"))
+    card = (shared_runs["three"] / "README.md").read_text()
+    assert "## Forgetting" in card and "| `topic` | test | accuracy |" in card
+    assert f"multitask.mode=shared multitask.extend={shared_runs['three']} " in card  # how to add one more
+
+
+def test_extending_an_extended_shared_run_evaluates_every_earlier_task(shared_runs):
+    """The earliest tasks' data comes from the config.yaml of the run that trained them (a config names only the
+    tasks it added), and their `before` is what the run extended scored."""
+    three = json.loads((shared_runs["three"] / "metrics.json").read_text())
+    four = json.loads((shared_runs["four"] / "metrics.json").read_text())
+    assert set(four["forgetting"]) == {"sentiment", "topic", "spam"}
+    for name in ("sentiment", "spam"):
+        assert four["forgetting"][name]["test"]["accuracy"]["before"] == three["tasks"][name]["test"]["accuracy"]
+
+
+@pytest.mark.parametrize("mode", ["separate", "shared"])
+def test_extending_a_run_of_the_other_mode_is_one_line(runs, shared_runs, assets, tmp_path, mode):
+    folder = shared_runs["two"] if mode == "shared" else runs["two"]
+    other = "separate" if mode == "shared" else "shared"
+    with pytest.raises(PeftlabError, match=f"is a run of multitask.mode={mode} and this one of {other}") as info:
+        run_recipe(assets, tmp_path / "run", task_list(assets, "spam"), f"multitask.extend={folder}",
+                   f"multitask.mode={other}")
+    assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
