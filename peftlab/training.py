@@ -314,7 +314,12 @@ def evaluate(model, loader, accelerator, compute_metrics) -> EvalOutput:
             outputs = (pred, labels, _per_sample_loss(out, labels), probs)
             # Multi-task runs only: each example's task, gathered alongside, for the per-task metrics.
             outputs += (batch[TASK_IDS],) if TASK_IDS in batch else ()
-            pred, labels, loss, probs, *task_ids = accelerator.gather_for_metrics(outputs)
+            # One process has no duplicates to drop, and accelerate's rule for them assumes that only the last batch
+            # is short (it cuts it to len(dataset) % batch size): a multi-task loader ends each task with a short
+            # batch, so tasks of 1,000 and 1,178 examples at batch 64 lost 38 of the last task's.
+            if accelerator.num_processes > 1:
+                outputs = accelerator.gather_for_metrics(outputs)
+            pred, labels, loss, probs, *task_ids = outputs
             predictions.append(pred.cpu())
             references.append(labels.cpu())
             losses.append(loss.cpu())

@@ -309,6 +309,36 @@ def test_evaluation_in_length_order_returns_outputs_in_split_order(assets):
     assert outputs[1].metrics == pytest.approx(outputs[0].metrics, abs=1e-6)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_evaluation_keeps_every_example_when_each_task_ends_in_a_short_batch(assets, grouped):
+    """Tasks of 3 and 6 examples at batch 4 give batches 3 | 4, 2: accelerate's end-of-loader cut (9 % 4 = 1 row of
+    the last batch) must not drop the second task's last example."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from accelerate import Accelerator
+
+    from peftlab.data.tasks import make_task_text_dataloader
+    from peftlab.metrics import multitask_scalar_metrics, per_task_metrics
+    from peftlab.training import evaluate
+
+    model, backbone = tiny_multitask(assets)
+    tasks = [SimpleNamespace(name=name, label_names=list(TASK_WORDS[name]), metric="accuracy")
+             for name in ("sentiment", "topic")]
+    splits = [datasets_split(backbone.tokenizer, TEXTS[:3], [0, 1, 0]),
+              datasets_split(backbone.tokenizer, TEXTS, [2, 1, 0, 2, 1, 0])]
+
+    def compute(predictions, references, task_ids):
+        return multitask_scalar_metrics(per_task_metrics(predictions, references, task_ids, tasks), tasks)
+
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(make_task_text_dataloader(splits, backbone.tokenizer, 4, shuffle=False,
+                                                           group_by_length=grouped))
+    output = evaluate(model, loader, accelerator, compute)
+    np.testing.assert_array_equal(output.task_ids, [0] * 3 + [1] * 6)
+    np.testing.assert_array_equal(output.references, [0, 1, 0, 2, 1, 0, 2, 1, 0])
+
+
 def datasets_split(tokenizer, texts: list[str], labels: list[int]):
     import datasets
 
