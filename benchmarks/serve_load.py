@@ -4,6 +4,7 @@
     python benchmarks/serve_load.py runs/serve_text --clients 1 8 32 --requests 200 --modes off 0 5 --threads 1
     python benchmarks/serve_load.py runs/serve_text --threads 1 --forward    # ms per text at batch 1, 8, 32, no HTTP
     python benchmarks/serve_load.py --report           # benchmarks/SERVE.md's table, from the records alone
+    python benchmarks/serve_load.py --memory benchmarks/results/multitask_text --seed 0   # serving memory per run
 
 For each round and each batching mode (`off`: --no-batching; a number N: batching with --batch-wait-ms N, 0 joining
 only the requests that queued while the model ran) the server is started afresh
@@ -13,6 +14,11 @@ httpx.AsyncClient send `--requests` POST /predict requests in all, each one text
 change in the machine's load hits all alike. One JSON record per (mode, clients, round) in
 benchmarks/results/serve_load/: requests/s, latency p50/p99 in ms, the load average, CPU, versions and git commit.
 The client runs on the same cores as the server.
+
+`--memory RESULTS` (issue 19): for each finished cell of one seed in a multi-task grid's records folder, `peftlab
+serve` is started on its run folder alone, sent one text per task, and its resident memory read from
+/proc/<pid>/status (VmRSS now, VmHWM the peak); `serving_memory.json` in that folder, which the grid's report turns
+into the serving-memory column (all tasks in one process against one process per task).
 """
 
 from __future__ import annotations
@@ -172,6 +178,48 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def process_memory_mb(pid: int) -> dict[str, float]:
+    """Resident memory of a process in MB: {"rss_mb": VmRSS, "peak_rss_mb": VmHWM} (Linux /proc)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {"rss_mb": round(int(fields["VmRSS"].split()[0]) / 1024, 1),
+            "peak_rss_mb": round(int(fields["VmHWM"].split()[0]) / 1024, 1)}
+
+
+def serving_memory(results_dir: Path, seed: int, threads: int | None) -> dict:
+    """Serve each finished multi-task cell of `seed` in `results_dir` alone, one text per task, and record the server
+    process's memory; writes and returns SERVING_MEMORY_FILE's content."""
+    import httpx
+
+    from peftlab.harness.multitask_report import SERVING_MEMORY_FILE
+    from peftlab.harness.provenance import environment, git_state
+    from peftlab.harness.report import load_records
+    from peftlab.serve import server_process
+
+    records = [r for r in load_records(results_dir) if r["status"] == "ok" and r["seed"] == seed and "tasks" in r]
+    if not records:
+        raise SystemExit(f"no finished multi-task cells of seed {seed} in {results_dir}; run the grid first")
+    text = test_texts()[0]
+    rows = []
+    for record in sorted(records, key=lambda r: r["cell"]):
+        run_dir = ROOT / record["run_dir"]
+        server_args = ["--no-access-log", *(["--threads", str(threads)] if threads else [])]
+        with server_process(run_dir, *server_args) as server:
+            for task in record["tasks"]:
+                response = httpx.post(server.url + "/predict", json={"inputs": [text], "task": task}, timeout=300)
+                response.raise_for_status()
+            memory = process_memory_mb(server.process.pid)
+        rows.append({"cell": record["cell"], "tasks": list(record["tasks"]), **memory})
+        print(f"{record['cell']}: {len(record['tasks'])} task(s), RSS {memory['rss_mb']:.0f} MB "
+              f"(peak {memory['peak_rss_mb']:.0f} MB)", flush=True)
+    result = {"seed": seed, "rows": rows,
+              "note": f"one `peftlab serve` process per run, measured one after another, "
+                      f"{threads or 'default'} threads",
+              "load_average_1m": round(os.getloadavg()[0], 2), "command": " ".join(sys.argv),
+              "environment": environment(), "git": git_state()}
+    (Path(results_dir) / SERVING_MEMORY_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", nargs="?", help="the run folder to serve (the default text run)")
@@ -184,7 +232,13 @@ def main(argv=None) -> None:
     parser.add_argument("--forward", action="store_true",
                         help="instead: time the forward pass in-process at batch 1, 8, 32 (forward.json)")
     parser.add_argument("--report", action="store_true", help=f"write the table into {PAGE.name} and print it")
+    parser.add_argument("--memory", type=Path, metavar="RESULTS",
+                        help="instead: the serving memory of each multi-task cell of --seed in this records folder")
+    parser.add_argument("--seed", type=int, default=0, help="with --memory: the seed whose runs to serve")
     args = parser.parse_args(argv)
+    if args.memory:
+        serving_memory(args.memory, args.seed, args.threads)
+        return
     if args.report:
         table = report()
         text = PAGE.read_text()

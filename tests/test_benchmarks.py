@@ -419,3 +419,42 @@ def test_fusion_job_writes_a_record_the_report_renders_with_inference_cost(tmp_p
     fused = results_table(summary).splitlines()[3].split(" | ")
     assert fused[0] == "| lora-ensemble" and fused[-1] == "2 |"
     assert fused[4] == f"{100 * record['metrics']['test']['accuracy']:.1f}"
+
+
+def _multitask_record(strategy, task_label, seed, scores, position, *, shared=0, extends=None, forgetting=None):
+    """A multi-task cell's record: `scores` {task: test accuracy}; adapter 100 per task (0 when shared), head 10."""
+    record = _record(strategy, seed, sum(scores.values()) / len(scores), 0, position, task=task_label)
+    record["position"]["task"] = ["a", "b", "ab"].index(task_label) if task_label in ("a", "b", "ab") else 3
+    record["tasks"] = {name: {"test": {"accuracy": value}, "validation": {"accuracy": value},
+                              "parameters": {"adapter": 0 if shared else 100, "head": 10}}
+                       for name, value in scores.items()}
+    record["multitask"] = {"mode": "shared" if shared else "separate", "shared_parameters": shared}
+    record["parameters"]["trainable"] = shared + sum(10 + (0 if shared else 100) for _ in scores)
+    record.update({"extends": extends} if extends else {}, **({"forgetting": forgetting} if forgetting else {}))
+    return record
+
+
+def test_multitask_table_pools_single_task_runs_and_sums_their_serving_memory():
+    from peftlab.harness.multitask_report import forgetting_table, multitask_table
+
+    records = [_multitask_record("sep", "a", seed, {"a": 0.80 + seed / 100}, 0) for seed in (0, 1)]
+    records += [_multitask_record("sep", "b", seed, {"b": 0.60}, 0) for seed in (0, 1)]
+    records += [_multitask_record("sep", "ab", seed, {"a": 0.78, "b": 0.62 + seed / 50}, 0) for seed in (0, 1)]
+    records += [_multitask_record("shared", "ab", seed, {"a": 0.70, "b": 0.50}, 1, shared=100) for seed in (0, 1)]
+    memory = {"seed": 0, "note": "n", "rows": [{"cell": "m__a__sep__seed0", "rss_mb": 500.0},
+                                              {"cell": "m__b__sep__seed0", "rss_mb": 510.0},
+                                              {"cell": "m__ab__sep__seed0", "rss_mb": 530.0}]}
+    lines = multitask_table(records, "test", "accuracy", memory).splitlines()
+    assert lines[0] == "| Setting | Adapters | Heads | Trained in all | a | b | Mean | Serving memory, MB |"
+    assert lines[2] == "| sep, one run per task | 100 each | 10 / 10 | 220 | 80.5 ± 0.7 | 60.0 ± 0.0 | 70.2 | 1,010 (2 processes) |"
+    assert lines[3] == "| sep, 2 tasks in one run | 100 each | 10 / 10 | 220 | 78.0 ± 0.0 | 63.0 ± 1.4 | 70.5 | 530 (1 process) |"
+    assert lines[4] == "| shared, 2 tasks in one run | 100 shared | 10 / 10 | 120 | 70.0 ± 0.0 | 50.0 ± 0.0 | 60.0 |  |"
+    assert len(lines) == 5 and forgetting_table(records, "test", "accuracy") == ""
+
+    moved = {"a": {"test": {"accuracy": {"before": 0.80, "after": 0.75, "change": -0.05}}}}
+    extended = [_multitask_record("then", "ab", seed, {"a": 0.75, "b": 0.6}, 2, shared=100,
+                                  extends=f"m__ab__shared__seed{seed}", forgetting=moved) for seed in (0, 1)]
+    assert multitask_table(extended, "test", "accuracy").splitlines()[2].startswith(
+        "| then, 2 tasks in one run, extends shared | 100 shared |")
+    assert forgetting_table(extended, "test", "accuracy").splitlines()[2] == (
+        "| then, 2 tasks in one run, extends shared | a | 80.0 ± 0.0 | 75.0 ± 0.0 | -5.0 ± 0.0 |")

@@ -820,3 +820,24 @@ def test_commands_for_single_task_runs_refuse_a_multitask_run_in_one_line(runs, 
     with pytest.raises(SystemExit) as info:
         fuse_main([str(runs["two"]), str(runs["three"]), "--method", "ensemble", "--output", str(tmp_path / "f")])
     assert info.value.code == 2
+
+
+def test_serving_memory_serves_each_run_of_a_seed_and_reads_its_resident_memory(runs, tmp_path, capsys):
+    """benchmarks/serve_load.py --memory: a real server per finished cell of the seed, one request per task (a task
+    the run lacks would fail the request), its RSS from /proc; other seeds and failed cells are not served."""
+    spec = importlib.util.spec_from_file_location("serve_load_for_tests",
+                                                  Path(__file__).parents[1] / "benchmarks" / "serve_load.py")
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    tasks = json.loads((runs["two"] / "metrics.json").read_text())["tasks"]
+    for seed, status in ((0, "ok"), (1, "ok"), (0, "failed")):
+        cell = f"m__two__lora__seed{seed}" + ("x" if status == "failed" else "")
+        (tmp_path / f"{cell}.json").write_text(json.dumps(
+            {"cell": cell, "status": status, "seed": seed, "run_dir": str(runs["two"]), "tasks": tasks}))
+    result = serve_load.main(["--memory", str(tmp_path), "--seed", "0", "--threads", "1"])
+    assert result is None
+    saved = json.loads((tmp_path / "serving_memory.json").read_text())
+    [row] = saved["rows"]
+    assert row["cell"] == "m__two__lora__seed0" and row["tasks"] == ["sentiment", "topic"]
+    assert 100 < row["rss_mb"] <= row["peak_rss_mb"] < 8000 and saved["seed"] == 0
+    assert "m__two__lora__seed0: 2 task(s), RSS" in capsys.readouterr().out

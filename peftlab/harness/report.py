@@ -37,6 +37,7 @@ from pathlib import Path
 
 from peftlab.errors import PeftlabError
 from peftlab.harness import pairs
+from peftlab.harness.multitask_report import forgetting_table, is_multitask, multitask_table, read_serving_memory
 from peftlab.harness.programs import REPO_ROOT
 
 SPLITS = ("test", "validation")
@@ -409,7 +410,8 @@ def render(results_dir: Path, out_dir: Path | None = None, *, split: str = "test
     paths["table"] = out_dir / "table.md"
     summary.commands = [run_command(summary, results_dir), command or f"python benchmarks/report.py {results_dir}"]
     paths["table"].write_text(markdown_report(summary, split, metric, plot_link=paths["plot"].name,
-                                              cost_plot_link=paths["cost_plot"].name if "cost_plot" in paths else None))
+                                              cost_plot_link=paths["cost_plot"].name if "cost_plot" in paths else None,
+                                              serving_memory=read_serving_memory(results_dir)))
     return summary, paths
 
 
@@ -425,14 +427,20 @@ def run_command(summary: Summary, results_dir: Path) -> str:
 
 
 def markdown_report(summary: Summary, split: str, metric: str, *, plot_link: str,
-                    cost_plot_link: str | None = None) -> str:
-    """The results table, the cost table, failures, the plots and the commands that reproduce them."""
+                    cost_plot_link: str | None = None, serving_memory: dict | None = None) -> str:
+    """The results table (multi-task runs: the per-task tables of peftlab.harness.multitask_report), the cost table,
+    failures, the plots and the commands that reproduce them.
+
+    Args:
+        serving_memory: a multi-task grid's `serving_memory.json` (benchmarks/serve_load.py --memory), if measured.
+    """
     seeds = (f"mean ± std over seeds {', '.join(map(str, summary.seeds))}" if len(summary.seeds) > 1
              else f"seed {summary.seeds[0]}")
     parts = [
         f"**{summary.grid}** — {split} {METRICS[metric]} (%), {seeds}. Trainable parameters counted without the "
         "task head (the LoRA paper's rule), then with it, and as a share of all parameters.",
         "", results_table(summary, split, metric), "",
+        *(multitask_section(summary, split, metric, serving_memory) if is_multitask(summary.records) else []),
         *(["Fusion rows (`peftlab fuse`) are one model made from the seeds of the row they name, scored once in fp32 "
            "(the other rows are the recipe's bf16-autocast evaluation where the CPU has it); their train time is the "
            "ingredients' training plus the fusion. Best single seed: the test score of the seed with the best "
@@ -452,6 +460,22 @@ def markdown_report(summary: Summary, split: str, metric: str, *, plot_link: str
                 else []),
               f"Provenance: {provenance_line(summary)}", "", "Reproduce:", "", "```", *summary.commands, "```", ""]
     return "\n".join(parts)
+
+
+def multitask_section(summary: Summary, split: str, metric: str, serving_memory: dict | None) -> list[str]:
+    """The per-task table of a multi-task grid (above: each cell's mean over its tasks), its forgetting table if the
+    grid extended a shared adapter, and what the columns count."""
+    parts = [f"Per task: {split} {METRICS[metric]} (%) of each task, mean ± std over seeds. Adapters: LoRA "
+             "parameters per task, or one adapter shared by the tasks; heads: each task's own; trained in all: what "
+             "the row's runs trained together (one run per task: their sum). Serving memory: the resident memory "
+             "(RSS) of `peftlab serve` processes holding the row's runs after one request per task "
+             + (f"(seed {serving_memory['seed']}; {serving_memory['note']})" if serving_memory else "(not measured)")
+             + ".", "", multitask_table(summary.records, split, metric, serving_memory), ""]
+    forgetting = forgetting_table(summary.records, split, metric)
+    if forgetting:
+        parts += ["Forgetting: each earlier task's score before and after its shared adapter trained on the new "
+                  "task alone (the earlier heads frozen; points, mean ± std over seeds).", "", forgetting, ""]
+    return parts
 
 
 def update_readme(readme: Path, grid: str, block: str) -> None:
