@@ -181,8 +181,8 @@ class MultiTaskRun:
         self.run_dir = run_dir = Path(run_dir)
         model_dir = run_dir / MODEL_SUBDIR
         info = read_json(model_dir / MULTITASK_FILE)
-        if not isinstance(info, dict) or info.get("task") != "text" or not info.get("tasks"):
-            raise damaged(model_dir / MULTITASK_FILE, "no text task kind and task list")
+        if not isinstance(info, dict) or info.get("task") not in ("text", "image") or not info.get("tasks"):
+            raise damaged(model_dir / MULTITASK_FILE, "no task kind (text or image) and task list")
         self.task = info["task"]
         self.cfg = load_config(str(run_dir / CONFIG_FILE))
         self.tasks = [TaskSpec(task["name"], task["label_names"], task["metric"], task.get("max_length"), frozen=True)
@@ -198,9 +198,17 @@ class MultiTaskRun:
             raise PeftlabError(f"cannot load the trained weights in {model_dir} ({first_line(err)}); the run folder "
                                f"is incomplete or damaged: restore it from a copy or train the run again") from err
         self.model.eval()
-        # Each task truncates to its own data.max_length, as it trained (the tasks' lengths may differ).
+        # Each task truncates to its own data.max_length, as it trained (the tasks' lengths may differ); image tasks
+        # share the run's evaluation transform (one data.image_size).
+        transform = None
+        if self.task == "image":
+            from peftlab.data.transforms import build_image_transform
+
+            transform = build_image_transform(self.cfg.data.image_size, self.backbone.image_mean,
+                                              self.backbone.image_std, train=False)
         self.preprocessing = {task.name: Preprocessing(self.task, run_dir, tokenizer=self.backbone.tokenizer,
-                                                       max_length=task.max_length) for task in self.tasks}
+                                                       max_length=task.max_length, transform=transform)
+                              for task in self.tasks}
 
     def task_ids(self, inputs: list, task: str | None = None, tasks: list[str] | None = None) -> list[int]:
         """Each input's task index, from `task` (all inputs) or `tasks` (one per input); one-line errors."""
@@ -215,8 +223,11 @@ class MultiTaskRun:
         return [routing.index(name) for name in (tasks if tasks is not None else [task] * len(inputs))]
 
     def preprocess(self, inputs: list, task_ids: list[int]) -> dict[str, torch.Tensor]:
-        """The model's input batch: each text tokenized as its task trained (its max_length), padded together."""
+        """The model's input batch: each text tokenized as its task trained (its max_length), padded together; or the
+        image paths / PIL images resized and normalised as at evaluation."""
         tokenizer, names = self.backbone.tokenizer, self.model.peftlab_tasks.names
+        if self.task == "image":
+            return {**self.preprocessing[names[0]](inputs), "task_ids": torch.tensor(task_ids)}
         features = []
         for text, task_id in zip(inputs, task_ids):
             preprocessing = self.preprocessing[names[task_id]]
@@ -247,7 +258,8 @@ class MultiTaskRun:
         names = [self.tasks[index].name for index in self.task_ids(inputs, task, tasks)]
         rows = probabilities_in_batches(lambda chunk: self._probabilities_of(chunk),
                                         list(zip(inputs, names)), self.model.peftlab_tasks.width, batch_size,
-                                        progress, lengths=[len(text) for text in inputs]).tolist()
+                                        progress, lengths=[len(text) for text in inputs] if self.task == "text"
+                                        else None).tolist()
         return [labelled(item, row, self.task_labels[name], task=name) for item, name, row in zip(inputs, names, rows)]
 
     def _probabilities_of(self, pairs: list[tuple]) -> torch.Tensor:

@@ -101,6 +101,7 @@ def multitask_card(cfg, kind: str, metrics: dict[str, Any], counts: ParameterCou
     base = portable_name(cfg.model.name)
     multitask, tasks = metrics["multitask"], metrics["tasks"]
     example = '"a gripping, beautifully shot film"' if kind == "text" else '"cat.png"'
+    new_data = "NEW.csv" if kind == "text" else "NEW_IMAGES/"  # a data file, or a folder of one folder per class
     first = next(iter(tasks))
     separate = multitask["mode"] == "separate"
     sampling = (f"temperature T={multitask['temperature']:g}" if multitask["sampling"] == "temperature"
@@ -148,11 +149,11 @@ def multitask_card(cfg, kind: str, metrics: dict[str, Any], counts: ParameterCou
          "The shared body is saved at `model/`'s root in its strategy's format and each task's head in "
          "`model/<task>/head.safetensors`; peftlab routes inputs to their task's head."),
         f"Add a task without touching these: `python recipes/multitask_classification.py "
-        f"multitask.extend={folder} \"multitask.tasks=[{{name: NEW, data: {{name: NEW.csv}}}}]\" output_dir=NEW_FOLDER`"
-        if separate else
+        f"multitask.extend={folder} \"multitask.tasks=[{{name: NEW, data: {{name: {new_data}}}}}]\" "
+        f"output_dir=NEW_FOLDER`" if separate else
         f"Add a task on this shared adapter, which trains on (so these tasks' scores move; that run's card and "
         f"metrics.json measure how): `python recipes/multitask_classification.py multitask.mode=shared "
-        f"multitask.extend={folder} \"multitask.tasks=[{{name: NEW, data: {{name: NEW.csv}}}}]\" "
+        f"multitask.extend={folder} \"multitask.tasks=[{{name: NEW, data: {{name: {new_data}}}}}]\" "
         f"output_dir=NEW_FOLDER`",
     ]
     return "\n\n".join(section for section in sections if section) + "\n"

@@ -4,6 +4,9 @@
     model = build_multitask_model(cfg.model, "text", tasks, cfg.strategy, options, mode="separate")
     model(**batch)                      # batch["task_ids"]: each example's task index; logits padded to the widest
 
+Text tasks on a text base or image tasks on an image base ("image": `pixel_values` instead of tokens); the routing is
+the same for both, and peft routes a mixed batch through convolution LoRA layers as through linear ones.
+
 How a batch finds its task:
 - heads: every head module of the base (`find_head`) is replaced by a `TaskHeads` holding one copy per task, built
   as the backbone builds a head for that task's labels; each example goes through its task's copy, and the logits of a
@@ -31,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.backbones import PACKAGED_BACKBONES, Backbone, load_base
-from peftlab.backbones.packaged import packaged_name
+from peftlab.backbones import Backbone, load_base
 from peftlab.data.tasks import TASK_IDS
 from peftlab.errors import PeftlabError
 from peftlab.heads import find_head, is_in_modules
@@ -169,6 +171,10 @@ def read_earlier_run(cfg) -> Optional[EarlierRun]:
                                 if ours[key] != theirs[key])
         raise PeftlabError(f"tasks on different bases: {run_dir} was trained on another base ({differences}); a run's "
                            f"tasks share one base, so set this run's model section as that run's")
+    if info.get("task") == "image" and cfg.data.image_size != earlier.data.image_size:
+        raise PeftlabError(f"{run_dir} took images at data.image_size={earlier.data.image_size} and this run at "
+                           f"{cfg.data.image_size}; a run's image tasks share one size, so set "
+                           f"data.image_size={earlier.data.image_size}")
     options = cfg.strategy_options.get(cfg.strategy, {})
     if (cfg.strategy, options) != (earlier.strategy, earlier.strategy_options.get(earlier.strategy, {})):
         raise PeftlabError(f"{run_dir} trained its adapters with strategy {earlier.strategy!r} "
@@ -231,10 +237,6 @@ def build_multitask_model(model_cfg, kind: str, tasks: Sequence[TaskSpec], strat
     `frozen` do not train; with `extend`, those of the earlier run get its saved heads and adapters (mode shared:
     its shared adapter, which trains on).
     """
-    packaged = PACKAGED_BACKBONES.get(packaged_name(model_cfg.name) or "")
-    if kind != "text" or (packaged is not None and packaged.task != "text"):
-        raise PeftlabError(f"multi-task runs take text tasks on a text backbone for now, and {model_cfg.name!r} is "
-                           f"an image backbone; train image tasks as single-task runs (recipes/image_classification.py)")
     backbones = [load_base(model_cfg, task=kind, label_names=task.label_names) for task in tasks]
     base = backbones[0].model
     heads = find_head(base, model_cfg.head_modules)
@@ -444,6 +446,6 @@ def resolve_task_rules(cfg, task_cfg, data, *, model: nn.Module, tokenizer=None,
     task_cfg.metric = view.train.metric_for_best
     routing: TaskRouting = model.peftlab_tasks
     task = routing.tasks[routing.index(task_cfg.name)]
-    task.metric, task.max_length = task_cfg.metric, task_cfg.data.max_length
+    task.metric, task.max_length = task_cfg.metric, task_cfg.data.max_length if tokenizer is not None else None
     routing.set_class_weights(task_cfg.name, rules.class_weights)
     return rules

@@ -7,9 +7,10 @@
 Endpoints:
     POST /predict   {"inputs": ["a text", ...]} for a text run; {"images": ["<base64>", ...]} or multipart files
                     named `images` for an image run -> {"predictions": [{"label": ..., "probabilities": {...}}, ...]}
-                    A multi-task run: {"inputs": [...], "task": "<name>"}, or "tasks": ["<name>", ...] with one task
-                    per input (routed in one forward pass, also across requests batched together); each prediction
-                    also names its "task".
+                    A multi-task run: {"inputs": [...], "task": "<name>"} (or "images"), or "tasks": ["<name>", ...]
+                    with one task per input (routed in one forward pass, also across requests batched together);
+                    multipart uploads add a field `task`, or one `tasks` field per image; each prediction also names
+                    its "task".
     GET  /metadata  task, label names (a multi-task run: `tasks`, each task's label names), base model, strategy,
                     test metrics, limits
     GET  /health    {"status": "ok"}; the only endpoint that never needs the token
@@ -142,11 +143,17 @@ JSON_SHAPES = {"text": '{"inputs": ["a text", ...]}',
                "image": '{"images": ["<base64>", ...]} or multipart files named "images"'}
 
 
-MULTITASK_SHAPE = '{"inputs": ["a text", ...], "task": "<task>"} or {"inputs": [...], "tasks": ["<task>", ...]}'
+MULTITASK_SHAPES = {
+    "text": '{"inputs": ["a text", ...], "task": "<task>"} or {"inputs": [...], "tasks": ["<task>", ...]}',
+    "image": '{"images": ["<base64>", ...], "task": "<task>"} (or "tasks": ["<task>", ...], one per image), or '
+             'multipart files named "images" with a field "task" (or one "tasks" field per image)'}
 
 
-def read_tasks(payload: dict, count: int, task_names: list[str]) -> list[str]:
-    """The task of each of a multi-task request's `count` inputs, from its `task` or `tasks`; ClientError otherwise."""
+def read_tasks(payload: dict, count: int, task_names: list[str], kind: str = "text") -> list[str]:
+    """The task of each of a multi-task request's `count` inputs, from its `task` or `tasks` (a JSON body's keys, or
+    a multipart body's text fields: "tasks" as a list); ClientError otherwise."""
+    shape = MULTITASK_SHAPES[kind]
+
     def known(name, where: str) -> str:
         if not isinstance(name, str) or name not in task_names:
             raise ClientError(400, f"{where} is {json.dumps(name)}, not a task of this server ({', '.join(task_names)})")
@@ -154,12 +161,12 @@ def read_tasks(payload: dict, count: int, task_names: list[str]) -> list[str]:
 
     if ("task" in payload) == ("tasks" in payload):
         raise ClientError(400, f"name the task of the inputs with \"task\", or one per input with \"tasks\" (not "
-                               f"both); this server's tasks are {', '.join(task_names)}: send {MULTITASK_SHAPE}")
+                               f"both); this server's tasks are {', '.join(task_names)}: send {shape}")
     if "task" in payload:
         return [known(payload["task"], "task")] * count
     tasks = payload["tasks"]
     if not isinstance(tasks, list) or len(tasks) != count:
-        raise ClientError(400, f"'tasks' must be a list with one task per input ({count}); send {MULTITASK_SHAPE}")
+        raise ClientError(400, f"'tasks' must be a list with one task per input ({count}); send {shape}")
     return [known(name, f"tasks[{i}]") for i, name in enumerate(tasks)]
 
 
@@ -168,7 +175,7 @@ async def read_inputs(request, task: str, limits: ServeLimits, task_names: list[
 
     Args:
         task_names: a multi-task run's tasks: the request names its inputs' task(s) (`read_tasks`), and the result
-            is (text, task) pairs.
+            is (text or image, task) pairs.
     """
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
@@ -184,18 +191,34 @@ async def read_inputs(request, task: str, limits: ServeLimits, task_names: list[
                 raise
             status = 413 if "Too many" in str(err.detail) else 400
             raise ClientError(status, f"multipart body: {err.detail}") from err
-        uploads = form.multi_items()
-        for key, value in uploads:
+        fields = ("images", "task", "tasks") if task_names else ("images",)
+        uploads, named_tasks = [], {}
+        for key, value in form.multi_items():
+            if key not in fields:
+                raise ClientError(400, f"unexpected multipart field {key!r}; send "
+                                       f"{MULTITASK_SHAPES['image'] if task_names else JSON_SHAPES['image']}")
             if key != "images":
-                raise ClientError(400, f"unexpected multipart field {key!r}; send image files named \"images\"")
-            if isinstance(value, str):
+                if not isinstance(value, str):
+                    raise ClientError(400, f"multipart field {key!r} holds a file; send the task's name as text")
+                named_tasks.setdefault(key, []).append(value)
+            elif isinstance(value, str):
                 raise ClientError(400, "multipart field 'images' holds text, not a file; send image files")
+            else:
+                uploads.append(value)
         check_count(len(uploads), "image files", limits)
+        tasks = None
+        if task_names:  # checked before any image is read or decoded
+            if len(named_tasks.get("task", [])) > 1:
+                raise ClientError(400, "give one multipart field \"task\" for all images, or one \"tasks\" field "
+                                       "per image")
+            tasks = read_tasks({key: value[0] if key == "task" else value for key, value in named_tasks.items()},
+                               len(uploads), task_names, "image")
         named = []
-        for i, (_, upload) in enumerate(uploads):
+        for i, upload in enumerate(uploads):
             data = await upload.read(int(limits.max_image_mb * MiB) + 1)
             named.append((upload.filename or f"images[{i}]", check_image_bytes(data, upload.filename, limits)))
-        return await run_in_threadpool(decode_images, named, limits)
+        images = await run_in_threadpool(decode_images, named, limits)
+        return list(zip(images, tasks)) if tasks else images
     if content_type not in ("application/json", ""):
         raise ClientError(415, f"content type {content_type!r} is not accepted; send application/json "
                                f"({JSON_SHAPES[task]})")
@@ -209,7 +232,8 @@ async def read_inputs(request, task: str, limits: ServeLimits, task_names: list[
     if not isinstance(payload, dict):
         raise ClientError(400, f"the body must be a JSON object, not {json_type(payload)}; send {JSON_SHAPES[task]}")
     if unknown := sorted(set(payload) - {"inputs", "images", *(("task", "tasks") if task_names else ())}):
-        raise ClientError(400, f"unknown key {unknown[0]!r}; send {MULTITASK_SHAPE if task_names else JSON_SHAPES[task]}")
+        raise ClientError(400, f"unknown key {unknown[0]!r}; send "
+                               f"{MULTITASK_SHAPES[task] if task_names else JSON_SHAPES[task]}")
     key, other = ("inputs", "images") if task == "text" else ("images", "inputs")
     if other in payload:
         raise ClientError(400, f"this server labels {task}s, so {other!r} does not apply; send {JSON_SHAPES[task]}")
@@ -236,9 +260,11 @@ async def read_inputs(request, task: str, limits: ServeLimits, task_names: list[
                 raise ClientError(400, f"inputs[{i}] holds an unpaired surrogate ({err.reason} at {err.start}); "
                                        f"send valid Unicode text") from err
         return list(zip(items, read_tasks(payload, len(items), task_names))) if task_names else items
+    tasks = read_tasks(payload, len(items), task_names, "image") if task_names else None  # before any decoding
     named = [(f"images[{i}]", check_image_bytes(decode_base64(item, i, limits), None, limits))
              for i, item in enumerate(items)]
-    return await run_in_threadpool(decode_images, named, limits)
+    images = await run_in_threadpool(decode_images, named, limits)
+    return list(zip(images, tasks)) if tasks else images
 
 
 def json_type(value) -> str:
@@ -359,7 +385,7 @@ def build_app(served: ServedModel, limits: ServeLimits | None = None, token: str
     def forward(inputs: list) -> list[list[float]]:
         if task_labels is None:
             return model.probabilities(inputs).tolist()  # a torch tensor or a numpy array: both have tolist()
-        # (text, task) pairs, maybe of several requests: one forward, each text through its task's adapter and head.
+        # (input, task) pairs, maybe of several requests: one forward, each input through its task's adapter and head.
         rows = model.probabilities([text for text, _ in inputs], tasks=[name for _, name in inputs]).tolist()
         return [row[:len(task_labels[name])] for row, (_, name) in zip(rows, inputs)]
 
@@ -420,8 +446,9 @@ def build_app(served: ServedModel, limits: ServeLimits | None = None, token: str
             rows = await worker(inputs)
         finally:
             for item in inputs:
-                if hasattr(item, "close"):
-                    item.close()
+                image = item[0] if isinstance(item, tuple) else item  # a multi-task request's (image, task)
+                if hasattr(image, "close"):
+                    image.close()
         return {"predictions": [prediction(row, item) for row, item in zip(rows, inputs)]}
 
     page = resources.files("peftlab").joinpath("serve_page.html").read_text(encoding="utf-8")

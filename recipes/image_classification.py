@@ -13,12 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from accelerate.utils import set_seed
-from torch import nn
 
-from peftlab import PeftlabError, apply_strategy, count_parameters
-from peftlab.backbones import Backbone, load_base
+from peftlab import apply_strategy, count_parameters
+from peftlab.backbones import check_image_size, load_base
 from peftlab.caching import frozen_feature_cache
 from peftlab.cli import run_cli
 from peftlab.config import RecipeConfig
@@ -92,21 +90,6 @@ def main(cfg: RecipeConfig) -> dict:
     return save_run(cfg, "image", accelerator=accelerator, model=model, result=result, test=test,
                     label_names=data.label_names, counts=counts, preprocessor=image_processor(transform(False)),
                     output_dir=output_dir, phases=phases, data_rules=rules)
-
-
-def check_image_size(backbone: Backbone, image_size: int) -> None:
-    """Run one blank image through the model, so one that takes only its native size (ViT) fails now, in one line."""
-    model: nn.Module = backbone.model
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(pixel_values=torch.zeros(1, 3, image_size, image_size))
-    except (ValueError, RuntimeError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PeftlabError(f"{backbone.name} cannot take {image_size} px images ({message}); "
-                           f"set data.image_size={backbone.image_size or 'its native size'}") from err
-    finally:
-        model.train(was_training)
 
 
 if __name__ == "__main__":

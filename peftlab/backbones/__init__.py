@@ -36,13 +36,13 @@ from peftlab.backbones.plain import (
     load_saved_plain,
     plain_backbone,
 )
-from peftlab.backbones.transformers_models import load_transformers
+from peftlab.backbones.transformers_models import load_transformers, transformers_task
 from peftlab.errors import PeftlabError
 
 __all__ = ["Backbone", "EFFICIENTNET_LITE_MEAN", "EFFICIENTNET_LITE_STD", "PACKAGED_BACKBONES", "PLAIN_BUILDERS",
-           "PackagedBackbone", "TorchImageClassifier", "build_efficientnet_lite", "build_from_config",
-           "check_max_length", "position_limit", "list_model_configs", "load_backbone", "load_base",
-           "model_position_limit", "portable_name", "set_dropout"]
+           "PackagedBackbone", "TorchImageClassifier", "backbone_task", "build_efficientnet_lite",
+           "build_from_config", "check_image_size", "check_max_length", "position_limit", "list_model_configs",
+           "load_backbone", "load_base", "model_position_limit", "portable_name", "set_dropout"]
 
 
 def load_base(model_cfg, *, task: Task, label_names: Sequence[str]) -> Backbone:
@@ -106,6 +106,41 @@ def check_max_length(backbone: Backbone, max_length: int | str) -> None:
     if limit and max_length != "auto" and max_length > limit:
         raise PeftlabError(f"data.max_length={max_length} is longer than {backbone.name} can take ({limit} tokens); "
                            f"set data.max_length={limit} or less")
+
+
+def backbone_task(model_cfg) -> Task:
+    """Whether the base a `model` section names classifies texts or images (`text` | `image`), without loading its
+    weights: a packaged backbone says so, a plain torch folder is an image classifier, and a transformers model is an
+    image one when transformers has an image-classification class for its config (the multi-task recipe takes either
+    kind of task, so the base decides)."""
+    key = packaged_name(model_cfg.name)
+    if key is not None and (key == model_cfg.name or packaged_installed(PACKAGED_BACKBONES[key])):
+        return PACKAGED_BACKBONES[key].task
+    if os.path.isfile(os.path.join(model_cfg.name, TorchImageClassifier.CONFIG_FILE)):
+        return "image"
+    return transformers_task(model_cfg.name, model_cfg.name, model_cfg.trust_remote_code)
+
+
+def check_image_size(backbone: Backbone, image_size: int, model: Optional[nn.Module] = None, **inputs) -> None:
+    """Run one blank image through the model, so one that takes only its native size (ViT) fails now, in one line.
+
+    Args:
+        model: the model to run (default: the backbone's), given `inputs` besides `pixel_values` (a multi-task
+            model's `task_ids`).
+    """
+    import torch
+
+    model = backbone.model if model is None else model
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(pixel_values=torch.zeros(1, 3, image_size, image_size), **inputs)
+    except (ValueError, RuntimeError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PeftlabError(f"{backbone.name} cannot take {image_size} px images ({message}); "
+                           f"set data.image_size={backbone.image_size or 'its native size'}") from err
+    finally:
+        model.train(was_training)
 
 
 def set_dropout(model: nn.Module, probability: float) -> None:

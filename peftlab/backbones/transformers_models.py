@@ -49,6 +49,14 @@ def load_transformers(path: str, name: str, *, task: Task, num_labels: int, labe
     return Backbone(model=model, name=name, image_mean=mean, image_std=std, image_size=size)
 
 
+def transformers_task(path: str, name: str, trust_remote_code: bool) -> Task:
+    """`image` for a transformers model with an image-classification class, else `text` (from its config alone)."""
+    config = _load_config(path, name, 1, None, trust_remote_code, None)
+    image = AutoModelForImageClassification
+    remote = image.__name__ in (getattr(config, "auto_map", None) or {})
+    return "image" if remote or type(config) in image._model_mapping else "text"
+
+
 def _load_config(path: str, name: str, num_labels: int, label_names: Optional[Sequence[str]],
                  trust_remote_code: bool, num_hidden_layers: Optional[int]):
     """The model config with the new head size and labels; the first place a bad name or offline Hub shows."""

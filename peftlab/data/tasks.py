@@ -13,12 +13,15 @@ them (transformers' `get_length_grouped_indices`), so a batch pads to texts of s
 task's examples longest first (peftlab.data.ordering), and `evaluate` puts the outputs back in order.
 Each epoch's order is a pure function of (seed, epoch), as the single-task samplers' are, so a resumed run continues
 the same sequence. Evaluation loaders go through each task in order.
+Image tasks (`make_task_image_dataloader`) batch the same way, each task's images through its own transform; they are
+evaluated in split order (no lengths).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import datasets
 import torch
@@ -26,6 +29,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from transformers import PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from peftlab.data.image import TransformedImages
 from peftlab.data.ordering import longest_first
 from peftlab.data.text import padding_collator, tokenized_lengths
 
@@ -134,3 +138,40 @@ def make_task_text_dataloader(splits: Sequence[datasets.Dataset], tokenizer: Pre
     sampler = TaskBatchSampler([len(split) for split in tagged], batch_size, shuffle=shuffle, sampling=sampling,
                                temperature=temperature, seed=seed, lengths=lengths)
     return DataLoader(ConcatDataset(tagged), batch_sampler=sampler, collate_fn=padding_collator(tokenizer))
+
+
+class TaskImages(TransformedImages):
+    """One task's split as `TransformedImages` rows ({"pixel_values", "labels"}) with its task index (`task_ids`)."""
+
+    def __init__(self, split: datasets.Dataset, transform: Callable, task_id: int):
+        super().__init__(split, transform)
+        self.task_id = task_id
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        return [{**row, TASK_IDS: self.task_id} for row in super().__getitems__(indices)]
+
+
+class TaskConcatDataset(ConcatDataset):
+    """The tasks' datasets end to end; a batch, which holds one task (`TaskBatchSampler`), is read in one batched call
+    to that task's dataset, as a single-task image loader reads it (ConcatDataset alone would read row by row)."""
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        task = bisect.bisect_right(self.cumulative_sizes, indices[0])
+        offset = self.cumulative_sizes[task - 1] if task else 0
+        return self.datasets[task].__getitems__([index - offset for index in indices])
+
+
+def make_task_image_dataloader(splits: Sequence[datasets.Dataset], transforms: Sequence[Callable], batch_size: int, *,
+                               shuffle: bool, sampling: str = "proportional", temperature: float = 1.0, seed: int = 0,
+                               task_ids: Optional[Sequence[int]] = None) -> DataLoader:
+    """Batch the image splits of the tasks (in task order) as {"pixel_values", "labels", "task_ids"}, each batch from
+    one task, each task's images through its own transform (`make_image_dataloader`'s, one per task).
+
+    Args:
+        shuffle, sampling, temperature, seed, task_ids: as `make_task_text_dataloader`'s.
+    """
+    task_ids = list(range(len(splits))) if task_ids is None else list(task_ids)
+    tasks = [TaskImages(split, transform, index) for split, transform, index in zip(splits, transforms, task_ids)]
+    sampler = TaskBatchSampler([len(split) for split in splits], batch_size, shuffle=shuffle, sampling=sampling,
+                               temperature=temperature, seed=seed)
+    return DataLoader(TaskConcatDataset(tasks), batch_sampler=sampler)
