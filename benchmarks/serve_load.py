@@ -213,7 +213,7 @@ def serving_memory(results_dir: Path, seed: int, threads: int | None) -> dict:
               f"(peak {memory['peak_rss_mb']:.0f} MB)", flush=True)
     result = {"seed": seed, "rows": rows,
               "note": f"one `peftlab serve` process per run, measured one after another, "
-                      f"{threads or 'default'} threads",
+                      + (f"{threads} thread{'s' if threads != 1 else ''}" if threads else "the default threads"),
               "load_average_1m": round(os.getloadavg()[0], 2), "command": " ".join(sys.argv),
               "environment": environment(), "git": git_state()}
     (Path(results_dir) / SERVING_MEMORY_FILE).write_text(json.dumps(result, indent=2) + "\n")

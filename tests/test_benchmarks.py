@@ -458,3 +458,22 @@ def test_multitask_table_pools_single_task_runs_and_sums_their_serving_memory():
         "| then, 2 tasks in one run, extends shared | 100 shared |")
     assert forgetting_table(extended, "test", "accuracy").splitlines()[2] == (
         "| then, 2 tasks in one run, extends shared | a | 80.0 ± 0.0 | 75.0 ± 0.0 | -5.0 ± 0.0 |")
+
+
+def test_the_readme_block_of_a_multitask_grid_carries_its_serving_memory(tmp_path, capsys):
+    """report.py --readme writes the same multi-task table as table.md, serving memory included."""
+    from peftlab.harness.report import main as report_main
+
+    results = tmp_path / "g"
+    results.mkdir()
+    for seed in (0, 1):
+        for label, scores in (("a", {"a": 0.8}), ("b", {"b": 0.6})):
+            record = _multitask_record("sep", label, seed, scores, 0)
+            (results / f"{record['cell']}.json").write_text(json.dumps(record))
+    (results / "serving_memory.json").write_text(json.dumps({"seed": 0, "note": "n", "rows": [
+        {"cell": "m__a__sep__seed0", "rss_mb": 500.0}, {"cell": "m__b__sep__seed0", "rss_mb": 510.0}]}))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- report:g -->\n<!-- /report:g -->\n")
+    assert report_main([str(results), "--readme", str(readme)]) == 0
+    row = "| sep, one run per task | 100 each | 10 / 10 | 220 | 80.0 ± 0.0 | 60.0 ± 0.0 | 70.0 | 1,010 (2 processes) |"
+    assert row in (results / "table.md").read_text() and row in readme.read_text()

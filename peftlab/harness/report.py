@@ -594,7 +594,8 @@ def main(argv=None) -> int:
                 block = markdown_report(summary, args.split, args.metric,
                                         plot_link=relative_link(paths["plot"], readme.parent),
                                         cost_plot_link=relative_link(paths["cost_plot"], readme.parent)
-                                        if "cost_plot" in paths else None)
+                                        if "cost_plot" in paths else None,
+                                        serving_memory=read_serving_memory(args.results))
                 update_readme(readme, summary.grid, block)
     except PeftlabError as err:
         print(f"error: {err}", file=sys.stderr)
