@@ -208,6 +208,53 @@ def test_two_tasks_train_in_one_run_and_each_head_sees_only_its_own_batches(asse
 # Task batches
 # ---------------------------------------------------------------------------------------------------------------------
 
+def test_an_interrupted_run_resumes_to_the_same_weights_and_scores(assets, tmp_path, monkeypatch):
+    """A multi-task run stopped after its step-4 checkpoint and resumed (`resume_from=latest`) trains on in the
+    same task order and ends where the uninterrupted run ends: every task's adapter and head, and its test scores."""
+    from safetensors.torch import load_file
+
+    from peftlab import multitask
+
+    overrides = [task_list(assets, "sentiment", "topic"), "train.max_steps=8", "train.checkpoint_every=4",
+                 "train.eval_every=4"]
+    reference = run_recipe(assets, tmp_path / "ref", *overrides)
+    real_build, forwards = multitask.build_multitask_model, []
+
+    def build_and_stop(*args, **kwargs):
+        model, backbone = real_build(*args, **kwargs)
+
+        def stop(module, inputs):
+            forwards.append(module.training)
+            if sum(forwards) == 6:  # the sixth training batch: after step 4's checkpoint and evaluation
+                raise KeyboardInterrupt
+        model.register_forward_pre_hook(stop)
+        return model, backbone
+
+    monkeypatch.setattr(multitask, "build_multitask_model", build_and_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(assets, tmp_path / "run", *overrides)
+    checkpoints = sorted(int(path.name.split("-")[1]) for path in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert checkpoints and 4 <= checkpoints[-1] < 8
+
+    def build_and_count(*args, **kwargs):
+        model, backbone = real_build(*args, **kwargs)
+        model.register_forward_pre_hook(lambda module, inputs: resumed_steps.append(module.training))
+        return model, backbone
+
+    resumed_steps = []
+    monkeypatch.setattr(multitask, "build_multitask_model", build_and_count)
+    resumed = run_recipe(assets, tmp_path / "run", *overrides, "resume_from=latest")
+    assert sum(resumed_steps) == 8 - checkpoints[-1]  # it went on from its last checkpoint, not from the start
+    assert resumed["global_step"] == reference["global_step"] == 8
+    assert resumed["test"] == pytest.approx(reference["test"], abs=1e-6)
+    for name in ("sentiment", "topic"):
+        for file in ("adapter_model.safetensors", "head.safetensors"):
+            ours, theirs = (load_file(tmp_path / run / "model" / name / file) for run in ("run", "ref"))
+            assert ours.keys() == theirs.keys()
+            for key in ours:
+                torch.testing.assert_close(ours[key], theirs[key], atol=1e-6, rtol=0)
+
+
 def task_of(index: int, sizes) -> int:
     return next(task for task in range(len(sizes)) if index < sum(sizes[:task + 1]))
 
