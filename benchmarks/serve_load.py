@@ -212,7 +212,7 @@ def serving_memory(results_dir: Path, seed: int, threads: int | None) -> dict:
         print(f"{record['cell']}: {len(record['tasks'])} task(s), RSS {memory['rss_mb']:.0f} MB "
               f"(peak {memory['peak_rss_mb']:.0f} MB)", flush=True)
     result = {"seed": seed, "rows": rows,
-              "note": f"one `peftlab serve` process per run, measured one after another, "
+              "note": "one `peftlab serve` process per run, measured one after another, "
                       + (f"{threads} thread{'s' if threads != 1 else ''}" if threads else "the default threads"),
               "load_average_1m": round(os.getloadavg()[0], 2), "command": " ".join(sys.argv),
               "environment": environment(), "git": git_state()}

@@ -114,24 +114,23 @@ def main(cfg: RecipeConfig) -> dict:
         preprocessor = backbone.tokenizer
     else:
         # Every image resized to the run's data.image_size and normalised with the backbone's statistics; each
-        # task's training images augmented as its data.augment says (a transform per task, seeded apart).
-        configs, positions = {task.name: task for task in task_cfgs}, {task.name: i for i, task in enumerate(tasks)}
-
-        def transform(name: str, train_split: bool):
-            return build_image_transform(cfg.data.image_size, backbone.image_mean, backbone.image_std,
-                                         train=train_split, augment=configs[name].data.augment,
-                                         seed=cfg.train.seed + positions[name])
-
+        # trained task's images augmented as its data.augment says (a transform per task, seeded apart), evaluation
+        # deterministic and the same for every task.
+        augments = {task.name: task.data.augment for task in cfg.multitask.tasks}
+        train_transforms = [build_image_transform(cfg.data.image_size, backbone.image_mean, backbone.image_std,
+                                                  train=True, augment=augments[task.name],
+                                                  seed=cfg.train.seed + tasks.index(task)) for task in trained]
+        eval_transform = build_image_transform(cfg.data.image_size, backbone.image_mean, backbone.image_std,
+                                               train=False)
         splits = {name: data[name].splits for name in data}
-        train_loader = make_task_image_dataloader([splits[task.name]["train"] for task in trained],
-                                                  [transform(task.name, True) for task in trained],
+        train_loader = make_task_image_dataloader([splits[task.name]["train"] for task in trained], train_transforms,
                                                   cfg.train.batch_size, shuffle=True, **sampling, task_ids=trained_ids)
         eval_loaders = {split: make_task_image_dataloader([splits[task.name][split] for task in evaluated],
-                                                          [transform(task.name, False) for task in evaluated],
+                                                          [eval_transform] * len(evaluated),
                                                           cfg.train.eval_batch_size, shuffle=False,
                                                           task_ids=evaluated_ids)
                         for split in ("validation", "test")}
-        preprocessor = image_processor(transform(tasks[0].name, False))
+        preprocessor = image_processor(eval_transform)
     phases.lap("data")
 
     def compute_metrics(predictions, references, task_ids):

@@ -985,6 +985,19 @@ def test_a_mixed_batch_of_images_routes_each_to_its_task_in_one_forward(image_ru
     assert line["task"] == "stripes" and line["label"] == run.predict([images[1]], task="stripes")[0]["label"]
 
 
+def test_an_image_task_added_later_leaves_the_earlier_ones_unchanged(image_assets, image_run, tmp_path):
+    import peftlab
+
+    more = f"multitask.tasks=[{{name: more, data: {{name: {image_assets['colour']}}}}}]"
+    metrics = run_image_recipe(image_assets, tmp_path / "three", more, f"multitask.extend={image_run}")
+    assert list(metrics["tasks"]) == ["colour", "stripes", "more"]
+    two, three = peftlab.load(image_run), peftlab.load(tmp_path / "three")
+    rng = np.random.default_rng(4)
+    images = [task_image("colour", 1, rng), task_image("stripes", 0, rng)]
+    for task in IMAGE_TASKS:
+        assert torch.equal(three.logits(images, task=task), two.logits(images, task=task))
+
+
 def test_image_tasks_share_one_image_size(image_assets, image_run, tmp_path):
     tasks = ", ".join(f"{{name: {task}, data: {{name: {image_assets[task]}, image_size: 24}}}}" for task in IMAGE_TASKS)
     with pytest.raises(PeftlabError, match="sets data.image_size=24 and the run 16; image tasks share one size"):

@@ -22,8 +22,7 @@ from peftlab.backbones.packaged import (
     PACKAGED_BACKBONES,
     PackagedBackbone,
     packaged_folder,
-    packaged_installed,
-    packaged_name,
+    packaged_to_load,
     portable_name,
 )
 from peftlab.backbones.paper_configs import build_from_config, list_model_configs
@@ -113,8 +112,8 @@ def backbone_task(model_cfg) -> Task:
     weights: a packaged backbone says so, a plain torch folder is an image classifier, and a transformers model is an
     image one when transformers has an image-classification class for its config (the multi-task recipe takes either
     kind of task, so the base decides)."""
-    key = packaged_name(model_cfg.name)
-    if key is not None and (key == model_cfg.name or packaged_installed(PACKAGED_BACKBONES[key])):
+    key = packaged_to_load(model_cfg.name)
+    if key is not None:
         return PACKAGED_BACKBONES[key].task
     if os.path.isfile(os.path.join(model_cfg.name, TorchImageClassifier.CONFIG_FILE)):
         return "image"
@@ -162,9 +161,7 @@ def set_dropout(model: nn.Module, probability: float) -> None:
 def _load(name: str, *, task: Task, num_labels: int, label_names: Optional[Sequence[str]], quantization: Quantization,
           skip_modules: Optional[Sequence[str]], trust_remote_code: bool, num_hidden_layers: Optional[int]) -> Backbone:
     _check_arguments(task, num_labels, label_names, quantization)
-    key = packaged_name(name)
-    if key is not None and key != name and not packaged_installed(PACKAGED_BACKBONES[key]):
-        key = None  # a Hub id whose packaged copy is not installed: load it from the Hub
+    key = packaged_to_load(name)
     packaged = PACKAGED_BACKBONES.get(key) if key is not None else None
     if packaged is not None and packaged.task != task:
         others = [n for n, p in PACKAGED_BACKBONES.items() if p.task == task]

@@ -49,6 +49,15 @@ def packaged_name(name: str) -> Optional[str]:
     return next((key for key, packaged in PACKAGED_BACKBONES.items() if packaged.hub_id == name), None)
 
 
+def packaged_to_load(name: str) -> Optional[str]:
+    """The PACKAGED_BACKBONES key `name` loads from local files, or None: not packaged, or a Hub id whose packaged
+    copy is not installed (it then loads from the Hub)."""
+    key = packaged_name(name)
+    if key is not None and key != name and not packaged_installed(PACKAGED_BACKBONES[key]):
+        return None
+    return key
+
+
 def portable_name(name: str) -> str:
     """How a saved run names its base so it loads on another machine: the Hub id of a packaged backbone that has one,
     else the name as given (a Hub id, or a local folder the user must carry along)."""
