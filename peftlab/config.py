@@ -131,6 +131,10 @@ class TrainConfig:
     launch --dynamo_backend` names): the first steps, and the first of each new batch shape, pay for compiling.
     Saved weights, checkpoints and exports are the plain module's. false leaves it to `accelerate launch
     --dynamo_backend` (default no)."""
+    cast_frozen_weights: bool = True
+    """Under bf16 (fp16) autocast, hold the frozen linear and convolution weights in that dtype while training
+    (peftlab.frozen_weights): the same numbers, without autocast casting every frozen weight again at every forward;
+    they are fp32 again when training ends. false: autocast casts them at every forward, as before."""
     cpu_threads: Optional[int] = None
     """Intra-op CPU threads per process; null: all physical cores of the process's share of the machine (cores /
     local processes), or OMP_NUM_THREADS when you set it. On a machine shared with other busy jobs, 1 can be far

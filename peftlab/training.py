@@ -38,8 +38,8 @@ from peftlab.checkpointing import (
     load_trainable_weights,
     plain_module,
     read_progress,
-    rewrite_progress,
     resolve_checkpoint,
+    rewrite_progress,
     save_checkpoint,
     set_rng_state,
     step_dir,
@@ -47,6 +47,7 @@ from peftlab.checkpointing import (
 from peftlab.data.ordering import loader_order, put_back
 from peftlab.data.tasks import TASK_IDS
 from peftlab.errors import PeftlabError, RunInterrupted
+from peftlab.frozen_weights import autocast_dtype, frozen_weights_in
 from peftlab.learning_rates import describe, param_group_summary, rate_groups
 from peftlab.strategies import TrainingStart, after_step_hook, before_training
 from peftlab.threads import set_cpu_threads
@@ -408,7 +409,11 @@ def train(
     samples, evaluation_s, checkpointing_s, window, micro_losses = 0, 0.0, 0.0, [], []
     tokens = TokenCounter()  # this part's, on this process; added to `previous` at each checkpoint
     after_step = after_step_hook(plain_module(accelerator, model))  # the strategy's own, e.g. AdaLoRA rank allocation
-    with StopSignal(accelerator) as stop_signal:  # SIGTERM/Ctrl-C: checkpoint at the next step, then stop
+    # SIGTERM/Ctrl-C: checkpoint at the next step, then stop. Frozen weights are cast to the autocast dtype once,
+    # not at every forward, and are fp32 again after the loop (train.cast_frozen_weights, peftlab.frozen_weights).
+    with (StopSignal(accelerator) as stop_signal,
+          frozen_weights_in(plain_module(accelerator, model),
+                            autocast_dtype(accelerator.mixed_precision) if train_cfg.cast_frozen_weights else None)):
         model.train()
         while not stop:
             batches, epoch_batches = _epoch_batches(accelerator, train_loader, progress), 0
