@@ -42,7 +42,7 @@ def _base_layers_read_elsewhere(model: nn.Module) -> set[int]:
     return kept
 
 
-def _castable_parameters(model: nn.Module, dtype: torch.dtype) -> list[nn.Parameter]:
+def _castable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Frozen fp32 weights and biases of linear and convolution modules, each used by no other kind of module (a
     weight tied to an embedding keeps fp32: the lookup would return rounded vectors)."""
     kept = _base_layers_read_elsewhere(model)
@@ -54,14 +54,14 @@ def _castable_parameters(model: nn.Module, dtype: torch.dtype) -> list[nn.Parame
             owners.setdefault(id(parameter), []).append(castable)
             parameters[id(parameter)] = parameter
     return [p for key, p in parameters.items()
-            if all(owners[key]) and not p.requires_grad and p.dtype == torch.float32 and p.dtype != dtype]
+            if all(owners[key]) and not p.requires_grad and p.dtype == torch.float32]
 
 
 @contextlib.contextmanager
 def frozen_weights_in(model: nn.Module, dtype: Optional[torch.dtype]) -> Iterator[int]:
     """Within the block, the model's frozen linear and convolution weights are `dtype` tensors (nothing changes for
     None); the fp32 ones come back on leaving it, also on an exception. Yields how many tensors were cast."""
-    cast = _castable_parameters(model, dtype) if dtype is not None else []
+    cast = _castable_parameters(model) if dtype is not None else []
     originals = [parameter.data for parameter in cast]
     for parameter in cast:
         # `.data`: the Parameter objects stay the same, so anything holding them (hooks, ties) sees the change.
