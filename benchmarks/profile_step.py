@@ -1,13 +1,16 @@
-"""Profile training steps of the text recipe as it runs (torch.profiler): where a step's time goes, by operator.
+"""Profile training steps of a recipe as it runs (torch.profiler): where a step's time goes, by operator.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/profile_step.py                     # the speed case, LoRA
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/profile_step.py strategy=full train.lr=5e-5
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/profile_step.py --image              # the vision speed case
 
 The recipe's own `main(cfg)` runs unchanged on the speed case (benchmarks/grids/speed_text.yaml: 2,000 Rotten
 Tomatoes texts, max_length 64, batch 32, MiniLM with mean pooling, bf16 autocast where the CPU has it) for
 WAIT + WARMUP + ACTIVE + 2 optimizer steps; a global forward pre-hook marks the start of each training forward (one
 per step: no accumulation), so the profiler records steps WAIT + WARMUP + 1 to WAIT + WARMUP + ACTIVE whole, each from
-its forward to the next step's forward: forward, backward, gradient clipping, optimizer and scheduler. Extra
+its forward to the next step's forward: forward, backward, gradient clipping, optimizer and scheduler. `--image`
+profiles the image recipe on the vision speed case instead (benchmarks/grids/speed_vision.yaml: EfficientNet-Lite0,
+800 Animal-MNIST images at 64 px without augmentation, batch 64). Extra
 `key=value` arguments override the recipe config. Prints the process's peak RSS, the wall time of every step, the
 operators by self CPU time over the recorded steps, and those times grouped into kinds (matmuls, attention, norms,
 casts, ...).
@@ -31,8 +34,13 @@ SPEED_CASE = ["data.name=rotten_tomatoes", "data.max_train_samples=2000", "data.
               "data.max_length=64", "model.pooling=mean", "train.batch_size=32", "train.lr=1e-3",
               "train.trackers=[jsonl]", "train.cpu_threads=1", "output_dir=/tmp/peftlab_profile_step",
               "overwrite=true"]
+VISION_CASE = ["data.name=animal_mnist", "data.image_size=64", "data.augment=false", "data.max_train_samples=800",
+               "data.max_eval_samples=64", "train.batch_size=64", "train.lr=2e-3", "train.trackers=[jsonl]",
+               "train.cpu_threads=1", "output_dir=/tmp/peftlab_profile_step", "overwrite=true"]
 # Operator name fragments -> kind, first match wins (aten names as torch 2.x reports them).
-KINDS = [("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")),
+KINDS = [("convolution", ("conv",)), ("batch norm", ("batch_norm",)),
+         ("activation (relu6, silu)", ("hardtanh", "relu", "silu", "clamp")),
+         ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")),
          ("attention (softmax, masking)", ("softmax", "aten::masked_fill", "scaled_dot_product", "aten::where")),
          ("layer norm", ("layer_norm",)), ("gelu", ("gelu",)), ("dropout", ("dropout", "bernoulli")),
          ("casts and copies", ("aten::to", "aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous")),
@@ -48,10 +56,13 @@ def kind_of(name: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    program = recipe("text_classification", "profile_step")
+    image = argv[:1] == ["--image"]
+    argv = argv[1:] if image else argv
+    program = recipe("image_classification" if image else "text_classification", "profile_step")
     module = load_recipe_module(program)
     steps = WAIT + WARMUP + ACTIVE + 2
-    cfg = load_config(str(module.DEFAULT_CONFIG), [*SPEED_CASE, f"train.max_steps={steps}", *argv])
+    case = VISION_CASE if image else SPEED_CASE
+    cfg = load_config(str(module.DEFAULT_CONFIG), [*case, f"train.max_steps={steps}", *argv])
     starts: list[float] = []
     top: list[torch.nn.Module] = []
 

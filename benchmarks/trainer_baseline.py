@@ -7,7 +7,8 @@ A harness job (`trainer_text` / `trainer_image` in peftlab.harness.programs): it
 `key=value` overrides and leaves what a recipe run leaves for the record (config.yaml, metrics.json with phases_s,
 model/), so the speed grids (benchmarks/grids/speed_*.yaml) pair it with the recipe on one config. What differs from
 the recipe is what the usual loop does: texts padded to `data.max_length`, fp32, the whole model in train mode,
-Trainer's own evaluation and checkpointing each epoch, the best epoch's weights loaded at the end.
+convolution weights in the usual layout (NCHW), Trainer's own evaluation and checkpointing each epoch, the best
+epoch's weights loaded at the end.
 Strategies: lora (r, alpha and dropout from strategy_options.lora, on the modules peftlab's lora finds, head trained
 in full) and full. Same data splits, backbone, mean pooling and image transforms as the recipe.
 """
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from accelerate.utils import set_seed
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -154,6 +156,11 @@ def load_sets(cfg: RecipeConfig, task: str, phases: PhaseTimer):
         from peftlab.data.image import TransformedImages
         from peftlab.data.transforms import build_image_transform
 
+        # The usual loop runs the model in the layout its library builds it in (NCHW), not channels-last as
+        # peftlab stores convolutional backbones (peftlab.backbones.layout).
+        for module in backbone.model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.data = module.weight.data.contiguous()
         transform = build_image_transform(cfg.data.image_size, backbone.image_mean, backbone.image_std, train=False)
         sets = tuple(TransformedImages(data.splits[s], transform) for s in ("train", "validation", "test"))
     phases.lap("data")

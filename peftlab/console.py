@@ -43,6 +43,10 @@ def quiet_third_party(debug: bool = False) -> None:
     datasets.disable_progress_bars()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # DDP compares each gradient's strides with its bucket's strictly. With channels-last activations
+    # (peftlab.backbones.layout), a depthwise convolution's weight gradient has its parameter's bytes under other
+    # strides for the size-1 dimension, so the reducer copies it instead of viewing it in place, and warns each run.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
 @contextlib.contextmanager

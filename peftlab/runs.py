@@ -160,6 +160,7 @@ def training_record(result, phases: PhaseTimer) -> dict[str, Any]:
             "peak_memory_mb": result.peak_memory_mb, "phases_s": phases.as_dict(), "throughput": result.throughput,
             "param_groups": result.param_groups,
             "num_processes": result.num_processes,  # over all machines: the run's world size
+            "mixed_precision": result.mixed_precision,  # what train.mixed_precision=auto chose for this model here
             "cpu_threads": torch.get_num_threads()}  # per process, as build_accelerator set it
 
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from peftlab.backbones.layout import store_convolutions_channels_last
 from peftlab.errors import PeftlabError
 from peftlab.heads import is_in_modules
 from peftlab.pooling import apply_mean_pooling
@@ -169,6 +170,7 @@ def load_trained(base_model: nn.Module, saved_dir: str | Path) -> nn.Module:
         # A whole model written by save_pretrained: its own loader knows its on-disk names (transformers 5
         # may rename weights on save), so reload through it rather than through load_state_dict.
         base_model = type(base_model).from_pretrained(saved_dir)
+        store_convolutions_channels_last(base_model)  # the layout it trained in: the same predictions to the bit
         return apply_strategy(base_model, spec.name, head_modules=spec.head_modules, pooling=spec.pooling,
                               **spec.options)
     model = apply_strategy(base_model, spec.name, head_modules=spec.head_modules, pooling=spec.pooling, **spec.options)

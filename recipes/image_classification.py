@@ -53,7 +53,7 @@ def main(cfg: RecipeConfig) -> dict:
     rate_groups(model, cfg.train)  # a rate option that cannot apply to this strategy's groups fails here
 
     # Inputs are valid: only now create (and lock) the output folder; the trackers start with training.
-    accelerator = build_accelerator(cfg.train, cfg.output_dir)
+    accelerator = build_accelerator(cfg.train, cfg.output_dir, model=model)
     output_dir = prepare_output_dir(cfg, accelerator)
     accelerator.print(f"{cfg.strategy} on {cfg.model.name} at {cfg.data.image_size} px "
                       f"(native {backbone.image_size}): {counts}")

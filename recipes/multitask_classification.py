@@ -85,7 +85,7 @@ def main(cfg: RecipeConfig) -> dict:
     counts = count_parameters(model)
     rate_groups(model, cfg.train)
 
-    accelerator = build_accelerator(cfg.train, cfg.output_dir)
+    accelerator = build_accelerator(cfg.train, cfg.output_dir, model=model)
     check_one_process(accelerator, model)  # one task per batch per process: DDP's gradients would not line up
     output_dir = prepare_output_dir(cfg, accelerator)
     accelerator.print(f"{cfg.strategy} on {cfg.model.name}, {len(tasks)} tasks ({cfg.multitask.mode}): {counts}")

@@ -121,6 +121,54 @@ def test_too_many_layers_is_rejected(tiny_vit_dir):
         load_backbone(str(tiny_vit_dir), task="image", num_labels=2, num_hidden_layers=5)
 
 
+# --- memory layout ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_resnet_dir(tmp_path):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)
+    ResNetForImageClassification(config).save_pretrained(tmp_path / "resnet")
+    return tmp_path / "resnet"
+
+
+def _conv_weights(model):
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_convolutional_backbones_load_channels_last_and_others_as_they_were(tiny_resnet_dir, tiny_vit_dir):
+    from peftlab.backbones.layout import mostly_convolutions
+
+    resnet = load_backbone(str(tiny_resnet_dir), task="image", num_labels=3).model
+    assert mostly_convolutions(resnet)
+    weights = _conv_weights(resnet)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert any(not w.is_contiguous() for w in weights)  # 1x1 kernels are both layouts at once; 3x3 ones are not
+    vit = load_backbone(str(tiny_vit_dir), task="image", num_labels=3).model
+    assert not mostly_convolutions(vit)  # its one convolution, the patch embedding, stays as it was
+    assert all(w.is_contiguous() for w in _conv_weights(vit))
+
+
+def test_a_fully_fine_tuned_convolutional_model_reloads_in_its_layout_with_the_same_predictions(tiny_resnet_dir,
+                                                                                                 tmp_path):
+    from peftlab.saving import load_trained, save_trained
+    from peftlab.strategies import apply_strategy
+
+    model = apply_strategy(load_backbone(str(tiny_resnet_dir), task="image", num_labels=3).model, "full")
+    with torch.no_grad():
+        for weight in _conv_weights(model):
+            weight.mul_(1.5)  # trained: no longer what the base folder holds
+    save_trained(model, tmp_path / "saved")
+    fresh_base = load_backbone(str(tiny_resnet_dir), task="image", num_labels=3).model
+    reloaded = load_trained(fresh_base, tmp_path / "saved").eval()
+    pixels = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=pixels).logits, model.eval()(pixel_values=pixels).logits)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(reloaded))
+
+
 # --- EfficientNet-Lite (plain torch) -----------------------------------------------------------------------------
 
 
@@ -142,12 +190,18 @@ def test_lite0_forward_and_loss_at_32px(lite0):
 
 
 @needs_lite0
-def test_lite0_pointwise_swap_is_exact(lite0):
+def test_lite0_convolution_swaps_are_exact(lite0):
     from efficientnet_lite_pytorch import EfficientNet
 
     swapped = lite0.model.backbone
     kinds = {type(m).__name__ for n, m in swapped.named_modules() if n.endswith(("_expand_conv", "_project_conv"))}
     assert kinds == {"Conv2d"}
+    # Depthwise convolutions of stride 1 pad inside the convolution; those of stride 2 (asymmetric "same" padding)
+    # keep their ZeroPad2d.
+    depthwise = [m for n, m in swapped.named_modules() if n.endswith("_depthwise_conv")]
+    assert {(type(m).__name__, tuple(m.stride)) for m in depthwise} == {("Conv2d", (1, 1)),
+                                                                         ("Conv2dStaticSamePadding", (2, 2))}
+    assert all(m.padding == (m.kernel_size[0] // 2,) * 2 for m in depthwise if type(m) is torch.nn.Conv2d)
     original = EfficientNet.from_name("efficientnet-lite0", num_classes=4)
     original.load_state_dict(swapped.state_dict())  # same names: the swap changed no parameter
     original.eval(), swapped.eval()

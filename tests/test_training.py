@@ -14,6 +14,7 @@ from peftlab.errors import PeftlabError
 from peftlab.tracking import read_log
 from peftlab.training import build_accelerator, build_optimizer, evaluate, resolve_mixed_precision
 import peftlab.training as training
+from tests import tiny_models
 from tests.tiny_train import TokenTask, accuracy, loaders, reset_accelerate, run, tiny_config, tiny_model
 
 
@@ -220,6 +221,15 @@ def test_mixed_precision_choices(monkeypatch):
     monkeypatch.setattr(training, "_cpu_has_bf16", lambda: True)
     assert resolve_mixed_precision("auto") == "bf16"
     assert resolve_mixed_precision("no") == "no"
+    # On a CPU, auto keeps a convolutional model fp32 (bf16 does not speed up its convolutions there) ...
+    assert resolve_mixed_precision("auto", tiny_models.build("cnn")) == "no"
+    assert resolve_mixed_precision("auto", tiny_models.build("bert")) == "bf16"
+    assert resolve_mixed_precision("auto", tiny_models.build("vit")) == "bf16"
+    assert resolve_mixed_precision("bf16", tiny_models.build("cnn")) == "bf16"  # ... but a stated choice stands
+    # ... while on CUDA, bf16 serves convolutions too (tensor cores).
+    monkeypatch.setattr(training, "cuda_in_use", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_mixed_precision("auto", tiny_models.build("cnn")) == "bf16"
 
 
 def test_trackers_unknown_or_missing_are_user_errors(tmp_path):

@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import nn
 
 from peftlab.backbones.backbone import Backbone, Quantization, Task
+from peftlab.backbones.layout import store_convolutions_channels_last
 from peftlab.backbones.packaged import (
     PACKAGED_BACKBONES,
     PackagedBackbone,
@@ -81,6 +83,7 @@ def load_backbone(
                      num_hidden_layers=num_hidden_layers)
     if dropout is not None:
         set_dropout(backbone.model, dropout)
+    store_convolutions_channels_last(backbone.model)  # convolutional models only (peftlab.backbones.layout)
     return backbone
 
 
@@ -127,8 +130,6 @@ def check_image_size(backbone: Backbone, image_size: int, model: Optional[nn.Mod
         model: the model to run (default: the backbone's), given `inputs` besides `pixel_values` (a multi-task
             model's `task_ids`).
     """
-    import torch
-
     model = backbone.model if model is None else model
     was_training = model.training
     try:
