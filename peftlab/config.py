@@ -126,7 +126,8 @@ class TrainConfig:
     """Clip the gradient norm to this value; null disables clipping."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """`auto`: bf16 where the CPU or GPU supports it, else fp32; on a CPU, fp32 for a model whose weights are mostly
-    convolutions (EfficientNet, ResNet), whose convolutions bf16 does not speed up there. metrics.json says which."""
+    convolutions (EfficientNet, ResNet) and whose training runs backward through them (every strategy but `head`):
+    bf16 slows their backward there. metrics.json says which."""
     compile: bool = False
     """Train the model through torch.compile (accelerate's TorchDynamoPlugin; inductor, or the backend `accelerate
     launch --dynamo_backend` names): the first steps, and the first of each new batch shape, pay for compiling.

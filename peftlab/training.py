@@ -30,7 +30,7 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from peftlab.backbones.layout import mostly_convolutions
+from peftlab.backbones.layout import trains_through_convolutions
 from peftlab.checkpointing import (
     Progress,
     latest_checkpoint,
@@ -163,10 +163,11 @@ def forget_accelerator_state() -> None:
 
 def resolve_mixed_precision(choice: str, model: Optional[torch.nn.Module] = None) -> str:
     """Turn `train.mixed_precision` into accelerate's value: `auto` is bf16 where the hardware has it, else `no`; on a
-    CPU also `no` for a `model` whose weights are mostly convolutions (`peftlab.backbones.layout.mostly_convolutions`):
-    bf16 autocast speeds up matmuls there (AVX512-BF16), not oneDNN's depthwise and grouped convolutions. A full
-    fine-tuning step of EfficientNet-Lite0 (channels-last) took 920 ms in bf16 against 470 ms in fp32, LoRA 580
-    against 540 (benchmarks/SPEED.md)."""
+    CPU also `no` for a convolutional `model` that trains through its convolutions
+    (`peftlab.backbones.layout.trains_through_convolutions`): oneDNN's bf16 convolutions run forward fast but their
+    backward slowly. On EfficientNet-Lite0 (channels-last) a full fine-tuning step took 920 ms in bf16 against 470 ms
+    in fp32, LoRA 580 against 540, while a forward pass without gradients took 61 ms against 136 (benchmarks/SPEED.md):
+    so the head strategy, whose backbone only runs forward, keeps bf16."""
     on_cuda = cuda_in_use()
     if choice == "fp16" and not on_cuda:
         raise PeftlabError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or auto on CPU")
@@ -174,7 +175,7 @@ def resolve_mixed_precision(choice: str, model: Optional[torch.nn.Module] = None
         return choice
     if on_cuda:
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if _cpu_has_bf16() and not (model is not None and mostly_convolutions(model)) else "no"
+    return "bf16" if _cpu_has_bf16() and not (model is not None and trains_through_convolutions(model)) else "no"
 
 
 def cuda_in_use() -> bool:

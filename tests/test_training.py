@@ -11,6 +11,7 @@ import torch
 
 from peftlab.checkpointing import latest_checkpoint, load_trainable_weights
 from peftlab.errors import PeftlabError
+from peftlab.strategies import apply_strategy
 from peftlab.tracking import read_log
 from peftlab.training import build_accelerator, build_optimizer, evaluate, resolve_mixed_precision
 import peftlab.training as training
@@ -221,8 +222,13 @@ def test_mixed_precision_choices(monkeypatch):
     monkeypatch.setattr(training, "_cpu_has_bf16", lambda: True)
     assert resolve_mixed_precision("auto") == "bf16"
     assert resolve_mixed_precision("no") == "no"
-    # On a CPU, auto keeps a convolutional model fp32 (bf16 does not speed up its convolutions there) ...
+    # On a CPU, auto keeps a convolutional model fp32 when training runs backward through its convolutions (bf16
+    # slows that backward there) ...
     assert resolve_mixed_precision("auto", tiny_models.build("cnn")) == "no"
+    assert resolve_mixed_precision("auto", apply_strategy(tiny_models.build("cnn"), "lora")) == "no"
+    assert resolve_mixed_precision("auto", apply_strategy(tiny_models.build("cnn"), "bitfit")) == "no"
+    # ... not when only its head trains: the backbone runs forward only, which bf16 speeds up ...
+    assert resolve_mixed_precision("auto", apply_strategy(tiny_models.build("cnn"), "head")) == "bf16"
     assert resolve_mixed_precision("auto", tiny_models.build("bert")) == "bf16"
     assert resolve_mixed_precision("auto", tiny_models.build("vit")) == "bf16"
     assert resolve_mixed_precision("bf16", tiny_models.build("cnn")) == "bf16"  # ... but a stated choice stands

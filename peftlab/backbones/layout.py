@@ -1,4 +1,5 @@
-"""How a backbone's convolution weights are laid out in memory, and whether convolutions are most of its weights.
+"""How a backbone's convolution weights are laid out in memory, whether convolutions are most of its weights, and
+whether training runs backward through them.
 
 oneDNN's CPU convolutions run fastest channels-last (NHWC), and cuDNN's tensor-core convolutions prefer it too; with
 the weights in that layout, the first convolution's output, and so every activation after it, follows, whatever
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from peftlab.heads import is_in_modules
 
 
 def mostly_convolutions(model: nn.Module) -> bool:
@@ -34,3 +37,15 @@ def store_convolutions_channels_last(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Conv2d) and module.weight.dim() == 4 and module.weight.is_floating_point():
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+
+
+def trains_through_convolutions(model: nn.Module) -> bool:
+    """Whether a convolutional model (`mostly_convolutions`) runs backward through its convolutions when it trains:
+    some trainable parameter lies outside its task head (LoRA, adapters, BitFit, partial or full fine-tuning). Not
+    for the head strategy, whose backbone only runs forward. A model without a strategy record counts as training
+    through them."""
+    if not mostly_convolutions(model):
+        return False
+    applied = getattr(model, "peftlab_strategy", None)
+    heads = applied.head_modules if applied is not None else []
+    return any(p.requires_grad and not is_in_modules(name, heads) for name, p in model.named_parameters())
