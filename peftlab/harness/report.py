@@ -450,8 +450,9 @@ def markdown_report(summary: Summary, split: str, metric: str, *, plot_link: str
         "evaluations; samples/s counts training steps only); wall time is the whole subprocess (imports, data, "
         "test). Peak memory is the process's max RSS on CPU, CUDA max allocated on GPU. `model/` is what a run "
         "saves: an adapter, the trained tensors, or the whole model for `full`. Precision is what the recipe's "
-        "`train.mixed_precision=auto` chose on the machine that ran it: bf16 autocast where the CPU has AVX512-BF16 (or "
-        "on a GPU), else fp32; from 2026-12-03, fp32 for convolutional backbones on a CPU.",
+        "`train.mixed_precision=auto` chose on the machine that ran it: bf16 autocast where the CPU has AVX512-BF16 "
+        "(or on a GPU), else fp32; from 2026-12-03, fp32 on a CPU for convolutional backbones that train through "
+        "their convolutions (every strategy but head).",
         "", cost_table(summary), "",
     ]
     if summary.failed:
