@@ -35,7 +35,7 @@ def store_convolutions_channels_last(model: nn.Module) -> None:
     if not mostly_convolutions(model):
         return
     for module in model.modules():
-        if isinstance(module, nn.Conv2d) and module.weight.dim() == 4 and module.weight.is_floating_point():
+        if isinstance(module, nn.Conv2d) and module.weight.is_floating_point():
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
 
 
