@@ -137,6 +137,14 @@ class TrainConfig:
     """Under bf16 (fp16) autocast, hold the frozen linear and convolution weights in that dtype while training
     (peftlab.frozen_weights): the same numbers, without autocast casting every frozen weight again at every forward;
     they are fp32 again when training ends. false: autocast casts them at every forward, as before."""
+    counter_dropout: bool = True
+    """On a CPU, draw training's dropout masks (every dropout layer, peft's lora_dropout, attention-probability
+    dropout) with peftlab's counter-based generator (peftlab.dropout): the same keep probability and scaling, another
+    random stream, on every core; PyTorch's own draws them one element at a time on CPUs other than Intel's. Off
+    under train.compile (inductor draws its own) and on GPUs. false: PyTorch's dropout."""
+    keep_freed_memory: bool = True
+    """On a CPU under Linux (glibc), keep the memory a training step frees in the process for the next step instead of
+    returning it to the kernel (peftlab.allocator): fewer page faults, a resident size that stays near its peak."""
     cpu_threads: Optional[int] = None
     """Intra-op CPU threads per process; null: all physical cores of the process's share of the machine (cores /
     local processes), or OMP_NUM_THREADS when you set it. On a machine shared with other busy jobs, 1 can be far

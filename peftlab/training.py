@@ -45,8 +45,10 @@ from peftlab.checkpointing import (
     set_rng_state,
     step_dir,
 )
+from peftlab.allocator import keep_freed_memory
 from peftlab.data.ordering import loader_order, put_back
 from peftlab.data.tasks import TASK_IDS
+from peftlab.dropout import counter_dropout_in
 from peftlab.errors import PeftlabError, RunInterrupted
 from peftlab.frozen_weights import autocast_dtype, frozen_weights_in
 from peftlab.learning_rates import describe, param_group_summary, rate_groups
@@ -220,6 +222,8 @@ def build_accelerator(train_cfg, output_dir, model: Optional[torch.nn.Module] = 
     # After the Accelerator: on multi-process CPU without OMP_NUM_THREADS it sets a thread count of its own.
     threads = set_cpu_threads(train_cfg.cpu_threads)
     accelerator.print(f"cpu threads: {threads.threads} per process ({threads.reason})")
+    if train_cfg.keep_freed_memory and accelerator.device.type == "cpu":
+        keep_freed_memory()
     return accelerator
 
 
@@ -420,9 +424,13 @@ def train(
     after_step = after_step_hook(plain_module(accelerator, model))  # the strategy's own, e.g. AdaLoRA rank allocation
     # SIGTERM/Ctrl-C: checkpoint at the next step, then stop. Frozen weights are cast to the autocast dtype once,
     # not at every forward, and are fp32 again after the loop (train.cast_frozen_weights, peftlab.frozen_weights).
+    # On a CPU, dropout masks come from a counter-based generator (train.counter_dropout, peftlab.dropout), unless
+    # the model is compiled (train.compile or `accelerate launch --dynamo_backend`): inductor draws its own.
+    compiled = accelerator.state.dynamo_plugin.backend != DynamoBackend.NO
     with (StopSignal(accelerator) as stop_signal,
           frozen_weights_in(plain_module(accelerator, model),
-                            autocast_dtype(accelerator.mixed_precision) if train_cfg.cast_frozen_weights else None)):
+                            autocast_dtype(accelerator.mixed_precision) if train_cfg.cast_frozen_weights else None),
+          counter_dropout_in(train_cfg.counter_dropout and not compiled, accelerator.device)):
         model.train()
         while not stop:
             batches, epoch_batches = _epoch_batches(accelerator, train_loader, progress), 0
