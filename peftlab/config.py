@@ -140,8 +140,9 @@ class TrainConfig:
     counter_dropout: bool = True
     """On a CPU, draw training's dropout masks (every dropout layer, peft's lora_dropout, attention-probability
     dropout) with peftlab's counter-based generator (peftlab.dropout): the same keep probability and scaling, another
-    random stream, on every core; PyTorch's own draws them one element at a time on CPUs other than Intel's. Off
-    under train.compile (inductor draws its own) and on GPUs. false: PyTorch's dropout."""
+    random stream, on every core; PyTorch's own draws them one element at a time on CPUs other than Intel's. Off for
+    a compiled model (train.compile or `accelerate launch --dynamo_backend`: inductor draws its own) and on GPUs.
+    false: PyTorch's dropout."""
     keep_freed_memory: bool = True
     """On a CPU under Linux (glibc), keep the memory a training step frees in the process for the next step instead of
     returning it to the kernel (peftlab.allocator): fewer page faults, a resident size that stays near its peak."""

@@ -21,7 +21,7 @@ or grouped-query attention, CUDA tensors) pass through unchanged.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -153,9 +153,9 @@ def _counter_drawable(tensor) -> bool:
 
 
 @contextlib.contextmanager
-def counter_dropout_in(enabled: bool, device: Optional[torch.device] = None) -> Iterator[None]:
+def counter_dropout_in(enabled: bool, device: torch.device) -> Iterator[None]:
     """`CounterDropoutMode` for the block when `enabled` and the run computes on a CPU (`device`); nothing else."""
-    if not enabled or (device is not None and torch.device(device).type != "cpu"):
+    if not enabled or torch.device(device).type != "cpu":
         yield
         return
     with CounterDropoutMode():
